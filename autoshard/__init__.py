@@ -1,0 +1,23 @@
+"""autoshard: automatic sharding of single-device JAX training steps.
+
+@autoshard.parallelize
+def train_step(state, batch): ...
+"""
+
+from autoshard.api import Parallelized, parallelize
+from autoshard.cost_model.hardware import PRESETS, Hardware
+from autoshard.hlo import Collective, collectives, parse_collectives
+from autoshard.plan import Cost, Plan, SolverStats
+
+__all__ = [
+    "PRESETS",
+    "Collective",
+    "Cost",
+    "Hardware",
+    "Parallelized",
+    "Plan",
+    "SolverStats",
+    "collectives",
+    "parallelize",
+    "parse_collectives",
+]

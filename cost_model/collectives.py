@@ -1,0 +1,41 @@
+"""Alpha-beta costs of collectives over groups of mesh axes.
+
+Bytes are per device, counted the way autoshard.collectives reads them from HLO:
+all-reduce and all-to-all: the buffer; all-gather: the gathered result;
+reduce-scatter: the operand before scattering. Ring algorithms (bandwidth-optimal):
+all-reduce moves 2(n-1)/n of the buffer, the others (n-1)/n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoshard.cost_model.hardware import Hardware, MeshDesc
+
+ALL_REDUCE, ALL_GATHER = "all-reduce", "all-gather"
+REDUCE_SCATTER, ALL_TO_ALL = "reduce-scatter", "all-to-all"
+_RING_FACTOR = {ALL_REDUCE: 2.0, ALL_GATHER: 1.0, REDUCE_SCATTER: 1.0, ALL_TO_ALL: 1.0}
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One predicted collective: kind, mesh axes it spans, per-device bytes."""
+
+    kind: str
+    axes: tuple[int, ...]
+    nbytes: float
+    reduce_op: str = "sum"
+
+
+def time(c: Collective, mesh: MeshDesc, hw: Hardware) -> float:
+    """Seconds for one collective: latency + ring factor * bytes / slowest axis bandwidth."""
+    n = mesh.group(c.axes)
+    if n <= 1 or c.nbytes == 0:
+        return 0.0
+    bw = min(hw.axis_bandwidth(a) for a in c.axes)
+    lat = max(hw.axis_latency(a) for a in c.axes)
+    return lat + _RING_FACTOR[c.kind] * (n - 1) / n * c.nbytes / bw
+
+
+def total_time(cs, mesh: MeshDesc, hw: Hardware) -> float:
+    return sum(time(c, mesh, hw) for c in cs)

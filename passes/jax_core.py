@@ -1,0 +1,59 @@
+"""The one place that touches jax internals (jaxpr types, binding primitives).
+
+JAX moves these types between releases; everything else in autoshard imports
+them from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.extend import core as jex
+
+ClosedJaxpr = jex.ClosedJaxpr
+Jaxpr = jex.Jaxpr
+JaxprEqn = jex.JaxprEqn
+Literal = jex.Literal
+Primitive = jex.Primitive
+Var = jex.Var
+jaxprs_in_params = jex.jaxprs_in_params
+
+# Call-like primitives whose body is evaluated once, in place: inlined by the graph pass.
+# Maps the primitive name to the param that holds the body.
+INLINE_BODY_PARAM = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+
+
+def split_closed(jaxpr: Any) -> tuple[Jaxpr, list[Any]]:
+    """(jaxpr, consts) of a ClosedJaxpr or a bare Jaxpr (no consts)."""
+    if isinstance(jaxpr, ClosedJaxpr):
+        return jaxpr.jaxpr, list(jaxpr.consts)
+    return jaxpr, []
+
+
+def is_literal(atom: Any) -> bool:
+    return isinstance(atom, Literal)
+
+
+def is_dropvar(var: Any) -> bool:
+    return type(var).__name__ == "DropVar"
+
+
+def bind(primitive: Primitive, invals: list[Any], params: dict[str, Any]) -> list[Any]:
+    """Apply a primitive to values; always returns a list of outputs."""
+    bind_params = primitive.get_bind_params(params)
+    if isinstance(bind_params, tuple):  # older jax: (subfuns, params)
+        subfuns, bind_params = bind_params
+        out = primitive.bind(*subfuns, *invals, **bind_params)
+    else:
+        out = primitive.bind(*invals, **bind_params)
+    return list(out) if primitive.multiple_results else [out]

@@ -1,0 +1,200 @@
+"""Shrink the strategy problem before it reaches the solver.
+
+Every graph input and every operation is a *unit* with its strategies. An operation
+with one array operand (reshape, transpose, reduce, broadcast, convert, ...) or an
+elementwise operation *follows* the producer of that operand: its strategy becomes a
+function of the producer's, chosen to take the operand as it comes (Alpa's follower
+merging). Chains collapse into one ILP node, so Adam's elementwise work adds almost
+nothing to the problem. What stays is one ILP node per root unit: inputs, dots,
+gathers, scatters and other many-operand operations.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from autoshard.cost_model import collectives as coll
+from autoshard.cost_model.hardware import Hardware, MeshDesc
+from autoshard.cost_model.ilp import Edge, SolverRequest, Tie
+from autoshard.cost_model.resharding import reshard
+from autoshard.passes.graph import Lit, OpGraph
+from autoshard.passes.rules.elementwise import NARY, UNARY
+from autoshard.passes.strategies import Strategy
+
+_ELEMENTWISE = frozenset(UNARY.split()) | frozenset(NARY.split())
+# Operations that are decisions of their own even with a single array operand.
+_ALWAYS_ROOT = frozenset({"dot_general", "gather", "scan", "while", "cond"})
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """The merged problem on one mesh.
+
+    units: strategies per unit (inputs first, then graph nodes in order).
+    root_of: per unit, the ILP node (root unit) that decides it.
+    follow: per unit, its strategy index for each strategy of its root.
+    roots: root units in ILP node order.
+    """
+
+    graph: OpGraph
+    mesh: MeshDesc
+    hw: Hardware
+    units: tuple[tuple[Strategy, ...], ...]
+    value_src: dict  # value id -> (unit, output position)
+    root_of: tuple[int, ...]
+    follow: tuple[np.ndarray, ...]
+    followed_pos: tuple[int | None, ...]
+    roots: tuple[int, ...]
+
+    def node_unit(self, node_id: int) -> int:
+        return len(self.graph.inputs) + len(self.graph.consts) + node_id
+
+    def spec_of(self, value: int, j: int):
+        """Spec of a value when its root unit picks strategy j."""
+        u, idx = self.value_src[value]
+        return self.units[u][self.follow[u][j]].out_specs[idx]
+
+
+def _followed_operand(graph: OpGraph, node) -> int | None:
+    if node.name in _ALWAYS_ROOT or node.name.startswith("scatter"):
+        return None
+    arrays = [p for p, r in enumerate(node.inputs) if not isinstance(r, Lit) and graph.shape(r)]
+    if len(arrays) == 1:
+        return arrays[0]
+    if node.name in _ELEMENTWISE:
+        out = graph.values[node.outputs[0]].shape
+        return next((p for p in arrays if graph.shape(node.inputs[p]) == out), None)
+    return None
+
+
+def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Problem:
+    """Pure: assigns every unit a root and a strategy map; strategies are not changed."""
+    n_in = len(graph.inputs) + len(graph.consts)
+    value_src = {v: (i, 0) for i, v in enumerate([*graph.inputs, *(c for c, _ in graph.consts)])}
+    for node in graph.nodes:
+        value_src.update({v: (n_in + node.id, k) for k, v in enumerate(node.outputs)})
+    root_of = list(range(len(units)))
+    follow = [np.arange(len(s)) for s in units]
+    followed = [None] * len(units)
+    rtime = _reshard_time(mesh, hw)
+    for node in graph.nodes:
+        u, pos = n_in + node.id, _followed_operand(graph, node)
+        if pos is None:
+            continue
+        v = node.inputs[pos]
+        p_unit, idx = value_src[v]
+        root = root_of[p_unit]
+        nbytes = graph.values[v].nbytes
+        pick = functools.cache(lambda spec: _best_follow(units[u], pos, spec, nbytes, rtime))
+        follow[u] = np.array(
+            [pick(units[p_unit][follow[p_unit][j]].out_specs[idx]) for j in range(len(units[root]))]
+        )
+        root_of[u], followed[u] = root, pos
+    roots = tuple(u for u in range(len(units)) if root_of[u] == u)
+    return Problem(
+        graph,
+        mesh,
+        hw,
+        tuple(units),
+        value_src,
+        tuple(root_of),
+        tuple(follow),
+        tuple(followed),
+        roots,
+    )
+
+
+def _reshard_time(mesh: MeshDesc, hw: Hardware):
+    @functools.cache
+    def rt(src, dst, nbytes):
+        return coll.total_time(reshard(src, dst, nbytes, mesh), mesh, hw)
+
+    return rt
+
+
+def _best_follow(strategies, pos, spec, nbytes, rtime) -> int:
+    """Take the operand as it comes if possible; then split nothing more than needed."""
+
+    def key(k):
+        s = strategies[k]
+        return (rtime(spec, s.in_specs[pos], nbytes), s.axes_used, s.cost)
+
+    return min(range(len(strategies)), key=key)
+
+
+def build_request(problem: Problem, time_limit: float) -> SolverRequest:
+    """The ILP over root units: node costs, resharding edges, state ties."""
+    g, rtime = problem.graph, _reshard_time(problem.mesh, problem.hw)
+    node = {r: i for i, r in enumerate(problem.roots)}
+    costs = [np.zeros(len(problem.units[r])) for r in problem.roots]
+    n_in = len(g.inputs) + len(g.consts)
+    edges = []
+    for u, strategies in enumerate(problem.units):
+        root, fol = problem.root_of[u], problem.follow[u]
+        costs[node[root]] += np.array([strategies[k].cost for k in fol])
+        if u < n_in:
+            continue
+        for pos, v in enumerate(g.nodes[u - n_in].inputs):
+            if isinstance(v, Lit):
+                continue
+            nbytes = g.values[v].nbytes
+            src_root = problem.root_of[problem.value_src[v][0]]
+            have = [problem.spec_of(v, j) for j in range(len(problem.units[src_root]))]
+            want = [strategies[k].in_specs[pos] for k in fol]
+            if src_root == root:
+                costs[node[root]] += np.array(
+                    [rtime(a, b, nbytes) for a, b in zip(have, want, strict=True)]
+                )
+                continue
+            edge = _edge(node[src_root], node[root], have, want, lambda a, b: rtime(a, b, nbytes))
+            if edge is not None:
+                edges.append(edge)
+    ties = [_tie(problem, node, i, o) for i, o in g.ties]
+    return SolverRequest(tuple(costs), tuple(edges), tuple(t for t in ties if t), time_limit)
+
+
+def _classes(specs):
+    index: dict = {}
+    return np.array([index.setdefault(s, len(index)) for s in specs]), list(index)
+
+
+def _edge(u, v, have, want, cost_fn) -> Edge | None:
+    uc, rows = _classes(have)
+    vc, cols = _classes(want)
+    cost = np.array([[cost_fn(a, b) for b in cols] for a in rows])
+    if not cost.any():
+        return None
+    return Edge(u, v, uc, vc, cost)
+
+
+def _tie(problem: Problem, node, in_idx: int, out_idx: int) -> Tie | None:
+    g = problem.graph
+    vi, vo = g.inputs[in_idx], g.outputs[out_idx]
+    if isinstance(vo, Lit) or vo == vi:
+        return None
+    ri, ro = (problem.root_of[problem.value_src[v][0]] for v in (vi, vo))
+    index: dict = {}
+    ic = np.array(
+        [
+            index.setdefault(problem.spec_of(vi, j), len(index))
+            for j in range(len(problem.units[ri]))
+        ]
+    )
+    oc = np.array(
+        [
+            index.setdefault(problem.spec_of(vo, j), len(index))
+            for j in range(len(problem.units[ro]))
+        ]
+    )
+    return Tie(node[ri], node[ro], ic, oc)
+
+
+def decode(problem: Problem, choice) -> tuple[int, ...]:
+    """Strategy index of every unit from the ILP's choice per root."""
+    pick = dict(zip(problem.roots, choice, strict=True))
+    return tuple(
+        int(problem.follow[u][pick[problem.root_of[u]]]) for u in range(len(problem.units))
+    )

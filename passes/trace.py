@@ -1,0 +1,85 @@
+"""Trace a training step to a closed jaxpr, with named, validated inputs."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+_SCALARS = (bool, int, float, complex, np.generic)
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A traced step: its jaxpr and the flat leaves on both sides, with readable paths."""
+
+    jaxpr: Any  # ClosedJaxpr
+    in_tree: Any
+    out_tree: Any
+    in_paths: tuple[str, ...]
+    out_paths: tuple[str, ...]
+    in_avals: tuple[jax.ShapeDtypeStruct, ...]
+    out_avals: tuple[jax.ShapeDtypeStruct, ...]
+
+
+def arg_names(fn: Any, nargs: int) -> list[str]:
+    """Names of the first `nargs` positional parameters of fn (arg{i} where unknown)."""
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"arg{i}" for i in range(nargs)]
+
+
+def leaf_paths(args: tuple, names: list[str]) -> list[str]:
+    """Readable path of every leaf, rooted at the argument's name: state.params['w']."""
+    paths = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(args)[0]:
+        head, rest = path[0], path[1:]
+        paths.append(names[head.idx] + jax.tree_util.keystr(rest))
+    return paths
+
+
+def to_abstract(leaf: Any, path: str) -> Any:
+    """Check one input leaf; arrays and ShapeDtypeStructs pass, Python scalars stay."""
+    if isinstance(leaf, jax.ShapeDtypeStruct | jax.Array | np.ndarray) or isinstance(
+        leaf, _SCALARS
+    ):
+        return leaf
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    raise TypeError(
+        f"autoshard: input leaf {path} is a {type(leaf).__name__}, not an array. Every leaf "
+        "of the step's arguments is traced as an array: pass arrays, jax.ShapeDtypeStruct or "
+        "Python numbers, and close over other values (e.g. with functools.partial)."
+    )
+
+
+def trace(fn: Any, args: tuple) -> Traced:
+    """Trace fn(*args) to a closed jaxpr.
+
+    Args:
+      fn: the single-device step.
+      args: its positional arguments (arrays or ShapeDtypeStructs, any pytree).
+
+    Returns:
+      A Traced record with the jaxpr and the flat input/output paths and avals.
+    """
+    names = arg_names(fn, len(args))
+    leaves, in_tree = jax.tree_util.tree_flatten(args)
+    paths = leaf_paths(args, names)
+    leaves = [to_abstract(x, p) for x, p in zip(leaves, paths, strict=True)]
+    args = jax.tree_util.tree_unflatten(in_tree, leaves)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    out_flat, out_tree = jax.tree_util.tree_flatten_with_path(out_shape)
+    out_paths = tuple("out" + jax.tree_util.keystr(p) for p, _ in out_flat)
+    in_avals = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars)
+    out_avals = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for _, s in out_flat)
+    return Traced(closed, in_tree, out_tree, tuple(paths), out_paths, in_avals, out_avals)
