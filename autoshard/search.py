@@ -62,9 +62,10 @@ def solve_on_mesh(
 ) -> MeshPlan:
     desc = MeshDesc(tuple(mesh.devices.shape), tuple(mesh.axis_names))
     units = [
-        source_strategies(graph.values[v].shape, graph.values[v].nbytes, desc) for v in graph.inputs
+        source_strategies(graph.values[v].shape, graph.values[v].nbytes, desc, hw)
+        for v in graph.inputs
     ]
-    units += [source_strategies(graph.values[v].shape, 0, desc, True) for v, _ in graph.consts]
+    units += [source_strategies(graph.values[v].shape, 0, desc, hw, True) for v, _ in graph.consts]
     units += [enumerate_strategies(op_info(graph, n), desc, hw) for n in graph.nodes]
     problem = merge_followers(graph, units, desc, hw)
     result = solve(build_request(problem, time_limit))
@@ -145,6 +146,41 @@ def now() -> float:
 __all__ = ["MeshPlan", "candidate_shapes", "search", "np"]
 
 
+# XLA fuses independent all-reduces over the same devices into one (its all-reduce
+# combiner runs on every backend); other kinds are counted one by one.
+COMBINED_KINDS = (coll.ALL_REDUCE,)
+
+
+def _ancestors(graph: OpGraph) -> list[int]:
+    """Per node, a bitset of the nodes it depends on (transitively)."""
+    prod = graph.producer()
+    anc: list[int] = []
+    for n in graph.nodes:
+        bits = 0
+        for r in n.inputs:
+            if not isinstance(r, Lit) and r in prod:
+                p = prod[r]
+                bits |= anc[p] | (1 << p)
+        anc.append(bits)
+    return anc
+
+
 def combine(mp: MeshPlan) -> list[tuple[str, int, float]]:
-    """(kind, count, bytes) of the predicted collectives, one per collective."""
-    return [(c.kind, 1, c.nbytes) for _, c in predicted_collectives(mp)]
+    """(kind, 1, bytes) per collective the compiled program should contain: predicted
+    collectives, with independent all-reduces over the same axes merged greedily."""
+    anc = _ancestors(mp.problem.graph)
+    buckets: list[tuple[tuple, list[int], float]] = []
+    out = []
+    for nid, c in predicted_collectives(mp):
+        if c.kind not in COMBINED_KINDS:
+            out.append((c.kind, 1, c.nbytes))
+            continue
+        key = (c.kind, c.axes, c.reduce_op)
+        for i, (k, members, b) in enumerate(buckets):
+            indep = all(not (anc[nid] >> m) & 1 and not (anc[m] >> nid) & 1 for m in members)
+            if k == key and indep:
+                buckets[i] = (k, [*members, nid], b + c.nbytes)
+                break
+        else:
+            buckets.append((key, [nid], c.nbytes))
+    return out + [(k[0], 1, b) for k, _, b in buckets]

@@ -88,7 +88,9 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
         p_unit, idx = value_src[v]
         root = root_of[p_unit]
         nbytes = graph.values[v].nbytes
-        pick = functools.cache(lambda spec: _best_follow(units[u], pos, spec, nbytes, rtime))
+        pick = functools.cache(
+            functools.partial(_best_follow, units[u], pos, nbytes=nbytes, rtime=rtime)
+        )
         follow[u] = np.array(
             [pick(units[p_unit][follow[p_unit][j]].out_specs[idx]) for j in range(len(units[root]))]
         )
@@ -115,7 +117,7 @@ def _reshard_time(mesh: MeshDesc, hw: Hardware):
     return rt
 
 
-def _best_follow(strategies, pos, spec, nbytes, rtime) -> int:
+def _best_follow(strategies, pos, spec, *, nbytes, rtime) -> int:
     """Take the operand as it comes if possible; then split nothing more than needed."""
 
     def key(k):
@@ -149,11 +151,17 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
                     [rtime(a, b, nbytes) for a, b in zip(have, want, strict=True)]
                 )
                 continue
-            edge = _edge(node[src_root], node[root], have, want, lambda a, b: rtime(a, b, nbytes))
+            edge = _edge(
+                node[src_root], node[root], have, want, functools.partial(_sized, rtime, nbytes)
+            )
             if edge is not None:
                 edges.append(edge)
     ties = [_tie(problem, node, i, o) for i, o in g.ties]
     return SolverRequest(tuple(costs), tuple(edges), tuple(t for t in ties if t), time_limit)
+
+
+def _sized(rtime, nbytes, a, b) -> float:
+    return rtime(a, b, nbytes)
 
 
 def _classes(specs):

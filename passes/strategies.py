@@ -20,9 +20,10 @@ import numpy as np
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.compute import compute_time
 from autoshard.cost_model.hardware import Hardware, MeshDesc
-from autoshard.cost_model.resharding import Spec
+from autoshard.cost_model.resharding import Spec, per_device_bytes
 from autoshard.passes.graph import Lit, OpGraph
 from autoshard.passes.rules import REDUCE, FactorMap, OpView, factor_map
+from autoshard.passes.rules.core import Builder
 
 _SHORT = {coll.ALL_REDUCE: "AR", coll.REDUCE_SCATTER: "RS"}
 
@@ -148,22 +149,25 @@ def _reductions(outs, reduce_axes, reduce_op, op: OpInfo, fmap: FactorMap, mesh:
             yield (new,), (coll.Collective(coll.REDUCE_SCATTER, reduce_axes, per_dev[0]),)
 
 
-def source_strategies(shape, nbytes: float, mesh: MeshDesc, replicated_only=False):
-    """Layouts an input may take: every block split of its dimensions."""
-    from autoshard.passes.rules.core import Builder
-
+def source_strategies(shape, nbytes: float, mesh: MeshDesc, hw: Hardware, replicated_only=False):
+    """Layouts an input may take: every block split of its dimensions (only the first,
+    replicated one for constants). Each costs the time to read its per-device bytes."""
     b = Builder()
-    dims = tuple((b.new(d),) for d in shape)
-    fmap = b.build([], [dims])
-    if replicated_only:
-        fmap = b.build([], [tuple(() for _ in shape)]) if not shape else fmap
+    fmap = b.build([], [tuple((b.new(d),) for d in shape)])
     info = OpInfo("input", fmap, (), (nbytes,), ())
-    strategies = enumerate_strategies(info, mesh, Hardware(1.0, 1.0))
-    zero = [
-        Strategy("-> " + spec_str(s.out_specs[0]), (), s.out_specs, (), 0.0, s.axes_used)
+    strategies = enumerate_strategies(info, mesh, hw)
+    out = tuple(
+        Strategy(
+            "-> " + spec_str(s.out_specs[0]),
+            (),
+            s.out_specs,
+            (),
+            compute_time(0.0, per_device_bytes(nbytes, s.out_specs[0], mesh), hw),
+            s.axes_used,
+        )
         for s in strategies
-    ]
-    return tuple(zero[:1] if replicated_only else zero)
+    )
+    return out[:1] if replicated_only else out
 
 
 def op_info(graph: OpGraph, node) -> OpInfo:
