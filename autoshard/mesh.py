@@ -33,7 +33,8 @@ def candidate_meshes(mesh, devices, hw: Hardware) -> list[jax.sharding.Mesh]:
     """
     n = len(devices)
     if mesh is None:
-        shapes = candidate_shapes(n, hw.per_axis_count()) or [(n,)]
+        k = hw.per_axis_count()
+        shapes = candidate_shapes(n, k, uniform=k is None) or [(n,)]
         return [make_mesh(s, AXIS_NAMES[: len(s)], devices) for s in shapes]
     if isinstance(mesh, jax.sharding.Mesh):
         _check_axes(mesh.devices.shape, hw)

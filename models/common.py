@@ -110,9 +110,15 @@ def make_train_step(
 
 
 def make_setup(
-    model: nnx.Module, loss_fn: LossFn, batch: Batch, config: Any, learning_rate: float
+    model: nnx.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    config: Any,
+    learning_rate: float,
+    tx: optax.GradientTransformation | None = None,
 ) -> Setup:
-    """Packs a model and batch into a :class:`Setup` trained with ``optax.adamw``.
+    """Packs a model and batch into a :class:`Setup` trained with ``tx`` (default
+    ``optax.adamw(learning_rate)``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -123,6 +129,6 @@ def make_setup(
       >>> sorted(s.batch)
       ['x']
     """
-    tx = optax.adamw(learning_rate)
+    tx = optax.adamw(learning_rate) if tx is None else tx
     graphdef, state = init_state(model, tx)
     return Setup(make_train_step(graphdef, tx, loss_fn), state, batch, config)

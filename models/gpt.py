@@ -161,7 +161,9 @@ def synthetic_batch(config: GPTConfig, batch_size: int, key: jax.Array) -> Batch
     return {"tokens": (start + offsets) % config.vocab}
 
 
-def setup(config: GPTConfig, batch_size: int, seed: int = 0, learning_rate: float = 1e-3) -> Setup:
+def setup(
+    config: GPTConfig, batch_size: int, seed: int = 0, learning_rate: float = 1e-3, tx=None
+) -> Setup:
     """A GPT, its adamw train step, initial state and one synthetic batch.
 
     Example:
@@ -173,4 +175,4 @@ def setup(config: GPTConfig, batch_size: int, seed: int = 0, learning_rate: floa
     model_key, data_key = jax.random.split(jax.random.key(seed))
     model = GPT(config, nnx.Rngs(params=model_key))
     batch = synthetic_batch(config, batch_size, data_key)
-    return make_setup(model, loss_fn, batch, config, learning_rate)
+    return make_setup(model, loss_fn, batch, config, learning_rate, tx)

@@ -97,7 +97,9 @@ def synthetic_batch(config: MLPConfig, batch_size: int, key: jax.Array) -> Batch
     return {"x": x, "y": jnp.tanh(x @ a / jnp.sqrt(config.d_model))}
 
 
-def setup(config: MLPConfig, batch_size: int, seed: int = 0, learning_rate: float = 1e-3) -> Setup:
+def setup(
+    config: MLPConfig, batch_size: int, seed: int = 0, learning_rate: float = 1e-3, tx=None
+) -> Setup:
     """An MLP, its adamw train step, initial state and one synthetic batch.
 
     Example:
@@ -109,4 +111,4 @@ def setup(config: MLPConfig, batch_size: int, seed: int = 0, learning_rate: floa
     model_key, data_key = jax.random.split(jax.random.key(seed))
     model = MLP(config, nnx.Rngs(params=model_key))
     batch = synthetic_batch(config, batch_size, data_key)
-    return make_setup(model, loss_fn, batch, config, learning_rate)
+    return make_setup(model, loss_fn, batch, config, learning_rate, tx)

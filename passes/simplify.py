@@ -170,12 +170,16 @@ def _classes(specs):
 
 
 def _edge(u, v, have, want, cost_fn) -> Edge | None:
+    """Edge between two ILP nodes; layout classes with identical cost rows (columns)
+    are merged, which keeps edges between many-layout tensors small."""
     uc, rows = _classes(have)
     vc, cols = _classes(want)
     cost = np.array([[cost_fn(a, b) for b in cols] for a in rows])
     if not cost.any():
         return None
-    return Edge(u, v, uc, vc, cost)
+    cost, row_of = np.unique(cost, axis=0, return_inverse=True)
+    cost, col_of = np.unique(cost, axis=1, return_inverse=True)
+    return Edge(u, v, row_of.ravel()[uc], col_of.ravel()[vc], cost)
 
 
 def _tie(problem: Problem, node, in_idx: int, out_idx: int) -> Tie | None:

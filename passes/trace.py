@@ -48,13 +48,13 @@ def leaf_paths(args: tuple, names: list[str]) -> list[str]:
 
 
 def to_abstract(leaf: Any, path: str) -> Any:
-    """Check one input leaf; arrays and ShapeDtypeStructs pass, Python scalars stay."""
-    if isinstance(leaf, jax.ShapeDtypeStruct | jax.Array | np.ndarray) or isinstance(
-        leaf, _SCALARS
-    ):
+    """Check one input leaf. Arrays become plain ShapeDtypeStructs (their current
+    shardings must not leak into the single-device jaxpr); Python numbers stay."""
+    if isinstance(leaf, _SCALARS):
         return leaf
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+        weak = bool(getattr(leaf, "weak_type", False))
+        return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, weak_type=weak)
     raise TypeError(
         f"autoshard: input leaf {path} is a {type(leaf).__name__}, not an array. Every leaf "
         "of the step's arguments is traced as an array: pass arrays, jax.ShapeDtypeStruct or "

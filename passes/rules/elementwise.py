@@ -9,7 +9,7 @@ UNARY = (
     "neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh logistic sin cos tan "
     "asin acos atan sinh cosh asinh acosh atanh sqrt rsqrt cbrt abs not population_count clz "
     "imag real conj integer_pow square reciprocal erf erfc erf_inv lgamma digamma "
-    "stop_gradient copy copy_p convert_element_type reduce_precision sharding_constraint"
+    "stop_gradient copy copy_p convert_element_type reduce_precision sharding_constraint reshard"
 )
 NARY = (
     "add sub mul div rem pow max min nextafter atan2 and or xor eq ne lt le gt ge "

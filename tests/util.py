@@ -1,0 +1,52 @@
+"""Shared checks: a planned step against the single-device step, plans against HLO."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import autoshard
+
+# adamw normalises each update by sqrt(nu): where a gradient is ~0 its sign (and so a
+# full +-lr step) can flip between equally correct reduction orders; see JAX_NOTES.
+ADAM_ATOL = 1e-3
+
+
+def run_both(train_step, state, batch, **kwargs):
+    """(sharded output, single-device output, the wrapped step)."""
+    ref = jax.jit(train_step)(state, batch)
+    step = autoshard.parallelize(train_step, **kwargs)
+    out = step(state, batch)
+    return out, ref, step
+
+
+def assert_close(out, ref, atol, rtol=1e-5):
+    flat_o, tree_o = jax.tree_util.tree_flatten_with_path(out)
+    flat_r, tree_r = jax.tree_util.tree_flatten(ref)
+    assert tree_o == tree_r
+    for (path, a), b in zip(flat_o, flat_r, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), atol=atol, rtol=rtol, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+def spec_of(plan, fragment: str):
+    """The PartitionSpec of the one input whose path contains every fragment."""
+    hits = [e for e in plan.inputs if fragment in e.path and "opt_state" not in e.path]
+    assert len(hits) == 1, [e.path for e in hits]
+    return tuple(hits[0].spec)
+
+
+def compiled_vs_predicted(step, *args):
+    """({kind: (count, bytes)} compiled, predicted) for a planned step."""
+    compiled = autoshard.collectives(step.lower(*args).compile())
+    return compiled, step.plan(*args).cost.collectives
+
+
+def assert_prediction_matches(step, *args, rel=0.10):
+    compiled, predicted = compiled_vs_predicted(step, *args)
+    assert set(compiled) == set(predicted), (compiled, predicted)
+    for kind, (n, b) in compiled.items():
+        pn, pb = predicted[kind]
+        assert pn == n, (kind, compiled, predicted)
+        assert abs(pb - b) <= rel * b, (kind, compiled, predicted)
