@@ -83,12 +83,14 @@ def predicted_collectives(mp: MeshPlan) -> list[tuple[int, coll.Collective]]:
     operation's own, and each resharding of an operand."""
     p, g = mp.problem, mp.problem.graph
     layout = mp.layout()
-    out = []
+    out, done = [], set()
     for n in g.nodes:
         u = p.node_unit(n.id)
         out += [(n.id, c) for c in p.units[u][mp.picks[u]].collectives]
         for r, want in zip(n.inputs, layout.operand_specs[n.id], strict=True):
-            if not isinstance(r, Lit) and want != layout.value_specs[r]:
+            # XLA reshards a value once for all consumers that want the same layout.
+            if not isinstance(r, Lit) and want != layout.value_specs[r] and (r, want) not in done:
+                done.add((r, want))
                 cs = reshard(layout.value_specs[r], want, g.values[r].nbytes, p.mesh)
                 out += [(n.id, c) for c in cs]
     return out

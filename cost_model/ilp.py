@@ -58,13 +58,16 @@ class SolverResult:
 
 def evaluate(request: SolverRequest, choice) -> tuple[float, list[str]]:
     """Recompute the objective of a choice and list every violated constraint."""
+    bad = [
+        f"node {i}: strategy {k} out of range"
+        for i, (c, k) in enumerate(zip(request.node_costs, choice, strict=True))
+        if not 0 <= k < len(c)
+    ]
+    if bad:
+        return float("nan"), bad
     obj = sum(float(c[k]) for c, k in zip(request.node_costs, choice, strict=True))
     for e in request.edges:
         obj += float(e.cost[e.u_class[choice[e.u]], e.v_class[choice[e.v]]])
-    bad = []
-    for i, (c, k) in enumerate(zip(request.node_costs, choice, strict=True)):
-        if not 0 <= k < len(c):
-            bad.append(f"node {i}: strategy {k} out of range")
     for t in request.ties:
         if t.u_class[choice[t.u]] != t.v_class[choice[t.v]]:
             bad.append(f"tie {t.u}-{t.v}: classes differ")
@@ -86,8 +89,9 @@ class _Rows:
 
 
 def solve(request: SolverRequest) -> SolverResult:
-    """Solve exactly with HiGHS (scipy.optimize.milp); on time-out without a feasible
-    point, fall back to strategy 0 everywhere (fully replicated, always feasible)."""
+    """Solve exactly with HiGHS (scipy.optimize.milp). If no feasible point comes back
+    (time-out before one is found, or an infeasible request), the result is strategy 0
+    everywhere (fully replicated) with status "fallback"."""
     t0 = time.perf_counter()
     offs = np.cumsum([0] + [len(c) for c in request.node_costs])
     n_s = int(offs[-1])

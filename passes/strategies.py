@@ -81,7 +81,8 @@ def enumerate_strategies(op: OpInfo, mesh: MeshDesc, hw: Hardware) -> tuple[Stra
     fmap = op.fmap
     ok = fmap.splittable()
     cands = [i for i, s in enumerate(ok) if s]
-    flops = op_flops(op.primitive, fmap, ())
+    out_shapes = [[math.prod(fmap.factors[f].size for f in dim) for dim in d] for d in fmap.outputs]
+    flops = op_flops(op.primitive, fmap, out_shapes)
     seen, out = set(), []
     for choice in itertools.product([-1, *cands], repeat=len(mesh.shape)):
         axes_of: dict[int, tuple[int, ...]] = {}

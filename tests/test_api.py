@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+from util import assert_close, run_both
 
 import autoshard
 from autoshard.models import mlp
-from util import assert_close, run_both
 
 
 def sgd_step(w, x):

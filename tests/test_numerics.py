@@ -2,9 +2,9 @@
 
 import optax
 import pytest
+from util import ADAM_ATOL, assert_close, run_both
 
 from autoshard.models import gpt, mlp
-from util import ADAM_ATOL, assert_close, run_both
 
 MESHES = [(8,), (2, 4), (2, 2, 2), None]
 

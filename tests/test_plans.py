@@ -1,8 +1,9 @@
 """Textbook plans: found by the ILP, visible in the compiled HLO, predicted exactly."""
 
+from util import assert_prediction_matches, compiled_vs_predicted, spec_of
+
 import autoshard
 from autoshard.models import mlp
-from util import assert_prediction_matches, compiled_vs_predicted, spec_of
 
 # CPU-like numbers; XLA's CPU backend does not form reduce-scatters.
 CPU = autoshard.Hardware(

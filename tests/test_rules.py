@@ -24,11 +24,11 @@ from autoshard.passes.rules import (
     Factor,
     FactorMap,
     OpView,
+    core,
     factor_map,
     has_rule,
     replicated_rule,
 )
-from autoshard.passes.rules import core
 
 # ---------------------------------------------------------------- helpers
 
@@ -262,12 +262,6 @@ def test_top_k_last_axis():
     assert splittable(fm) == "a"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="contraction.py top_k rule ignores params['axis'] and always fixes the last "
-    "axis: top_k(x[8,16], 3, axis=0) -> [3,16] fails check (factors (8, 16) != (3, 16))",
-)
 def test_top_k_non_last_axis():
     fm = fmap_of("top_k", lambda x: lax.top_k(x, 3, axis=0), f32(8, 16))
     assert render(fm) == "ab->cb,db fixed=acd"
@@ -396,13 +390,6 @@ def test_scatter_add_from_take_grad():
     assert splittable(fm) == "bcd"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="structural.py _scatter: with operand_batching_dims the rule first gives the "
-    "index batch dim a fresh REDUCE factor, then overwrites idx_dims[idd] with a new PASS "
-    "factor, leaving an unused, splittable REDUCE factor (bogus replicated strategies that "
-    "pay an all-reduce and divide compute)",
-)
 def test_scatter_add_with_batching_dims_has_no_unused_factor():
     fm = fmap_of("scatter-add", jax.vmap(lambda t, i: t.at[i].add(1.0)), f32(4, 32, 16), i32(4))
     assert render(fm) == "abc,ad,ac->abc fixed=bd"

@@ -65,17 +65,20 @@ register("argmax", "argmin")(_reduction(FIXED, "none"))
 
 def _along_axis(axis_of) -> callable:
     def rule(op: OpView) -> FactorMap:
-        """Operands and outputs share factors, except the one axis that must stay whole."""
+        """Operands and outputs share factors, except the one axis that must stay whole
+        (outputs may differ in its size, as top_k's do)."""
         shape = op.in_shapes[0]
-        axis = axis_of(op.params, len(shape))
+        axis = axis_of(op.params, len(shape)) % len(shape)
         b = Builder()
         dims = tuple((b.new(d, FIXED if i == axis else PASS),) for i, d in enumerate(shape))
-        outs = [dims if s == shape else b.fixed_dims(s) for s in op.out_shapes]
-        for i, s in enumerate(op.out_shapes):  # top_k: last dim differs in size
-            if s != shape and len(s) == len(shape):
-                outs[i] = tuple(dims[:-1]) + ((b.new(s[-1], FIXED),),)
-        ins = [dims if s == shape else b.fixed_dims(s) for s in op.in_shapes]
-        return b.build(ins, outs)
+
+        def like(s):
+            if len(s) != len(shape):
+                return b.fixed_dims(s)
+            return tuple(dims[i] if i != axis else (b.new(s[i], FIXED),) for i in range(len(s)))
+
+        ins = [dims if s == shape else like(s) for s in op.in_shapes]
+        return b.build(ins, [dims if s == shape else like(s) for s in op.out_shapes])
 
     return rule
 
@@ -84,4 +87,4 @@ register("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")(
     _along_axis(lambda p, r: p["axis"])
 )
 register("sort")(_along_axis(lambda p, r: p["dimension"]))
-register("top_k")(_along_axis(lambda p, r: r - 1))
+register("top_k")(_along_axis(lambda p, r: p.get("axis", -1)))

@@ -214,11 +214,14 @@ def _scatter(kind: str):
         dn = op.params["dimension_numbers"]
         opnd, idx, upd = op.in_shapes[:3]
         b = Builder()
-        idx_dims = [(b.new(d, kind),) for d in idx[:-1]] + [(b.new(idx[-1], FIXED),)]
+        batching = dict(
+            zip(dn.scatter_indices_batching_dims, dn.operand_batching_dims, strict=True)
+        )
+        idx_dims = [(b.new(d, PASS if i in batching else kind),) for i, d in enumerate(idx[:-1])]
+        idx_dims.append((b.new(idx[-1], FIXED),))
         opnd_dims: list = [None] * len(opnd)
-        for od, idd in zip(dn.operand_batching_dims, dn.scatter_indices_batching_dims, strict=True):
-            f = b.new(opnd[od])
-            opnd_dims[od] = idx_dims[idd] = (f,)
+        for idd, od in batching.items():
+            opnd_dims[od] = idx_dims[idd]
         window = [
             i for i in range(len(opnd)) if i not in dn.inserted_window_dims and opnd_dims[i] is None
         ]
