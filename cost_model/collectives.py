@@ -14,7 +14,14 @@ from autoshard.cost_model.hardware import Hardware, MeshDesc
 
 ALL_REDUCE, ALL_GATHER = "all-reduce", "all-gather"
 REDUCE_SCATTER, ALL_TO_ALL = "reduce-scatter", "all-to-all"
+PERMUTE = "collective-permute"
 _RING_FACTOR = {ALL_REDUCE: 2.0, ALL_GATHER: 1.0, REDUCE_SCATTER: 1.0, ALL_TO_ALL: 1.0}
+
+
+def _factor(kind: str, n: int) -> float:
+    """Fraction of the bytes each device sends: ring algorithms, or all of it for a
+    point-to-point permute."""
+    return 1.0 if kind == PERMUTE else _RING_FACTOR[kind] * (n - 1) / n
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,7 @@ def time(c: Collective, mesh: MeshDesc, hw: Hardware) -> float:
         return 0.0
     bw = min(hw.axis_bandwidth(a) for a in c.axes)
     lat = max(hw.axis_latency(a) for a in c.axes)
-    return lat + _RING_FACTOR[c.kind] * (n - 1) / n * c.nbytes / bw
+    return lat + _factor(c.kind, n) * c.nbytes / bw
 
 
 def total_time(cs, mesh: MeshDesc, hw: Hardware) -> float:

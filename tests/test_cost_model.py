@@ -138,9 +138,13 @@ def test_reshard_replicated_to_split_is_a_local_slice():
     assert reshard(((0,), ()), ((0,), (1,)), N, MESH) == ()
 
 
-def test_reshard_split_to_replicated_is_one_all_gather_of_the_result():
+def test_reshard_split_to_replicated_gathers_to_the_result():
     assert reshard(((0,), ()), ((), ()), N, MESH) == (Collective(ALL_GATHER, (0,), N),)
-    assert reshard(((0,), (1,)), ((), ()), N, MESH) == (Collective(ALL_GATHER, (0, 1), N),)
+    # axes on two dimensions: gathered one dimension at a time, minor first
+    assert reshard(((0,), (1,)), ((), ()), N, MESH) == (
+        Collective(ALL_GATHER, (1,), N / 2),
+        Collective(ALL_GATHER, (0,), N),
+    )
 
 
 def test_reshard_dropping_one_of_two_axes_gathers_to_the_kept_split():
@@ -152,7 +156,11 @@ def test_reshard_dropping_one_of_two_axes_gathers_to_the_kept_split():
 
 def test_reshard_moving_an_axis_between_dims_is_an_all_to_all():
     assert reshard(((0,), ()), ((), (0,)), N, MESH) == (Collective(ALL_TO_ALL, (0,), N / 2),)
-    assert reshard(((0,), (1,)), ((1,), (0,)), N, MESH) == (Collective(ALL_TO_ALL, (0, 1), N / 8),)
+    # a swap of two dimensions: all-to-all plus a permute (measured on XLA CPU)
+    assert reshard(((0,), (1,)), ((1,), (0,)), N, MESH) == (
+        Collective(ALL_TO_ALL, (0, 1), N / 8),
+        Collective("collective-permute", (0, 1), N / 8),
+    )
 
 
 def test_reshard_reordering_axes_on_one_dim_is_an_all_to_all():
@@ -456,3 +464,23 @@ def test_spec_str():
     assert spec_str(None) == "-"
     assert spec_str(()) == "()"
     assert spec_str(((0, 1), (), (2,))) == "S01RS2"
+
+
+def test_reshard_gathers_one_dimension_at_a_time_minor_first():
+    mesh = MeshDesc((2, 4), ("x", "y"))
+    # (R, S_y, R, S_x) -> replicated: gather x on dim 3, then y on dim 1
+    cs = reshard(((), (1,), (), (0,)), ((), (), (), ()), 32768.0, mesh)
+    assert [(c.kind, c.axes, c.nbytes) for c in cs] == [
+        ("all-gather", (0,), 32768.0 / 4),
+        ("all-gather", (1,), 32768.0),
+    ]
+
+
+def test_reshard_moving_axes_between_several_dimension_pairs_is_a_gather():
+    mesh = MeshDesc((2, 4), ("x", "y"))
+    # (S_x, S_y, R) -> (R, R, S_xy): no single all-to-all; XLA replicates and slices
+    cs = reshard(((0,), (1,), ()), ((), (), (0, 1)), 8192.0, mesh)
+    assert [c.kind for c in cs] == ["all-gather", "all-gather"]
+    # one pair of dimensions: an all-to-all
+    cs = reshard(((0, 1), (), ()), ((), (), (0, 1)), 8192.0, mesh)
+    assert [(c.kind, c.axes, c.nbytes) for c in cs] == [("all-to-all", (0, 1), 1024.0)]

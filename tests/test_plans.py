@@ -1,9 +1,17 @@
 """Textbook plans: found by the ILP, visible in the compiled HLO, predicted exactly."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from util import assert_prediction_matches, compiled_vs_predicted, spec_of
 
 import autoshard
-from autoshard.models import mlp
+from autoshard.cost_model.hardware import MeshDesc
+from autoshard.cost_model.resharding import reshard
+from autoshard.models import gpt, mlp
 
 # CPU-like numbers; XLA's CPU backend does not form reduce-scatters.
 CPU = autoshard.Hardware(
@@ -53,3 +61,42 @@ def test_fast_second_axis_gives_data_times_tensor_parallel():
     assert_prediction_matches(step, s.state, s.batch)
     compiled, _ = compiled_vs_predicted(step, s.state, s.batch)
     assert compiled["all-reduce"][0] == 4  # 3 activations over y + 1 fused gradient over x
+
+
+@pytest.mark.parametrize("mesh", [(8,), (2, 4)], ids=str)
+def test_gpt_prediction_matches_compiled(mesh):
+    s = gpt.setup(gpt.tiny(), batch_size=8)
+    step = autoshard.parallelize(s.train_step, mesh=mesh, hardware=autoshard.PRESETS["cpu"])
+    assert_prediction_matches(step, s.state, s.batch)
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        (P("x", "y"), P("y", "x")),  # swap: all-to-all + permute
+        (P("x", "y"), P()),  # two gathers, minor dimension first
+        (P("x", "y", None), P(None, None, ("x", "y"))),  # merge across dims: gathers
+        (P(("x", "y"), None, None), P(None, None, ("x", "y"))),  # one all-to-all
+        (P(None, "y"), P("x", "y")),  # a local slice: nothing
+    ],
+    ids=str,
+)
+def test_resharding_cost_names_what_xla_compiles(src, dst):
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+
+    def f(a):
+        a = jax.lax.with_sharding_constraint(a * 2, NamedSharding(mesh, src))
+        return jax.lax.with_sharding_constraint(a + 1, NamedSharding(mesh, dst))
+
+    a = jnp.ones((16, 16, 16))
+    compiled = autoshard.collectives(jax.jit(f).lower(a).compile())
+    to_spec = lambda p: tuple(
+        tuple(mesh.axis_names.index(n) for n in ((d,) if isinstance(d, str) else d or ()))
+        for d in (*p, *(None,) * (3 - len(p)))
+    )
+    desc = MeshDesc((2, 4), ("x", "y"))
+    predicted: dict = {}
+    for c in reshard(to_spec(src), to_spec(dst), a.nbytes, desc):
+        n, b = predicted.get(c.kind, (0, 0))
+        predicted[c.kind] = (n + 1, b + c.nbytes)
+    assert compiled == predicted
