@@ -118,16 +118,17 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time) -> Plan:
         s if s is not None else jax.sharding.PartitionSpec()
         for s in _search.specs_of(graph.outputs, layout, names)
     ]
-    preds = [c for _, c in _search.predicted_collectives(mp)]
+    preds = _search.predicted_collectives(mp, layout)
     collectives: dict[str, tuple[int, float]] = {}
     comm_bytes: dict[str, float] = {}
-    for kind, n, b in _search.combine(mp):
+    for kind, n, b in _search.combine(mp, preds):
         c0, b0 = collectives.get(kind, (0, 0.0))
         collectives[kind] = (c0 + n, b0 + b)
-    for c in preds:
+    for _, c in preds:
         comm_bytes[c.kind] = comm_bytes.get(c.kind, 0.0) + c.nbytes
-    compute, comm = _search.times(mp)
-    cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, _search.memory(mp))
+    compute, comm = _search.times(mp, preds)
+    memory = _search.memory(mp, layout)
+    cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, memory)
     r = mp.result
     stats = SolverStats(
         tuple(mp.mesh.devices.shape),

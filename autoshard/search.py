@@ -7,10 +7,8 @@ import time
 from dataclasses import dataclass
 
 import jax
-import numpy as np
 
 from autoshard.cost_model import collectives as coll
-from autoshard.cost_model.compute import compute_time  # noqa: F401  (re-exported for tests)
 from autoshard.cost_model.hardware import Hardware, MeshDesc
 from autoshard.cost_model.ilp import SolverResult, solve
 from autoshard.cost_model.memory import live_peak
@@ -78,11 +76,10 @@ def solve_on_mesh(
     return MeshPlan(mesh, problem, result, decode(problem, result.choice))
 
 
-def predicted_collectives(mp: MeshPlan) -> list[tuple[int, coll.Collective]]:
+def predicted_collectives(mp: MeshPlan, layout: Layout) -> list[tuple[int, coll.Collective]]:
     """(graph node id, collective) for every collective the plan implies: each
     operation's own, and each resharding of an operand."""
     p, g = mp.problem, mp.problem.graph
-    layout = mp.layout()
     out, done = [], set()
     for n in g.nodes:
         u = p.node_unit(n.id)
@@ -96,9 +93,9 @@ def predicted_collectives(mp: MeshPlan) -> list[tuple[int, coll.Collective]]:
     return out
 
 
-def memory(mp: MeshPlan) -> dict[str, float]:
+def memory(mp: MeshPlan, layout: Layout) -> dict[str, float]:
     p, g = mp.problem, mp.problem.graph
-    specs = mp.layout().value_specs
+    specs = layout.value_specs
     per_dev = [
         per_device_bytes(v.nbytes, s, p.mesh) if s is not None else v.nbytes
         for v, s in zip(g.values, specs, strict=True)
@@ -139,19 +136,14 @@ def specs_of(values, layout: Layout, names):
     ]
 
 
-def times(mp: MeshPlan) -> tuple[float, float]:
-    """(compute, communication) seconds of the chosen plan."""
-    comm = coll.total_time(
-        [c for _, c in predicted_collectives(mp)], mp.problem.mesh, mp.problem.hw
-    )
+def times(mp: MeshPlan, preds) -> tuple[float, float]:
+    """(compute, communication) seconds of the chosen plan, given its collectives."""
+    comm = coll.total_time([c for _, c in preds], mp.problem.mesh, mp.problem.hw)
     return max(mp.result.objective - comm, 0.0), comm
 
 
 def now() -> float:
     return time.perf_counter()
-
-
-__all__ = ["MeshPlan", "candidate_shapes", "search", "np"]
 
 
 # XLA fuses independent all-reduces over the same devices into one (its all-reduce
@@ -173,13 +165,13 @@ def _ancestors(graph: OpGraph) -> list[int]:
     return anc
 
 
-def combine(mp: MeshPlan) -> list[tuple[str, int, float]]:
+def combine(mp: MeshPlan, preds) -> list[tuple[str, int, float]]:
     """(kind, 1, bytes) per collective the compiled program should contain: predicted
     collectives, with independent all-reduces over the same axes merged greedily."""
     anc = _ancestors(mp.problem.graph)
     buckets: list[tuple[tuple, list[int], float]] = []
     out = []
-    for nid, c in predicted_collectives(mp):
+    for nid, c in preds:
         if c.kind not in COMBINED_KINDS:
             out.append((c.kind, 1, c.nbytes))
             continue

@@ -119,8 +119,6 @@ class _Builder:
 def state_ties(traced: Traced) -> tuple[tuple[int, int], ...]:
     """Pair each argument with the output of the same pytree structure and avals:
     (state, batch) -> (new_state, metrics) ties every leaf of state to new_state."""
-    import jax
-
     arg_trees = traced.in_tree.children()
     out_children = traced.out_tree.children() if traced.out_tree.num_nodes > 1 else []
     if not out_children or traced.out_tree.num_leaves == 1:
@@ -139,7 +137,6 @@ def state_ties(traced: Traced) -> tuple[tuple[int, int], ...]:
                     (int(offsets_in[a]) + k, int(offsets_out[o]) + k) for k in range(at.num_leaves)
                 ]
                 break
-    del jax
     return tuple(ties)
 
 

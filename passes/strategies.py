@@ -15,8 +15,6 @@ import itertools
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.compute import compute_time
 from autoshard.cost_model.hardware import Hardware, MeshDesc
@@ -186,7 +184,3 @@ def op_info(graph: OpGraph, node) -> OpInfo:
     return OpInfo(
         node.name, fmap, in_bytes, out_bytes, tuple(isinstance(r, Lit) for r in node.inputs)
     )
-
-
-def count(strategies) -> np.ndarray:
-    return np.array([len(s) for s in strategies])

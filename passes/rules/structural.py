@@ -3,8 +3,6 @@ iota. Dimensions that a primitive moves data along are FIXED; the rest pass thro
 
 from __future__ import annotations
 
-import math
-
 from autoshard.passes.rules.core import FIXED, PASS, REDUCE, Builder, FactorMap, OpView, register
 
 
@@ -242,7 +240,3 @@ def _scatter(kind: str):
 
 register("scatter-add", "scatter_add")(_scatter(REDUCE))
 register("scatter", "scatter-mul", "scatter_mul", "scatter-min", "scatter-max")(_scatter(FIXED))
-
-
-def numel(shape) -> int:
-    return math.prod(shape)
