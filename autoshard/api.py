@@ -121,12 +121,12 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time) -> Plan:
     preds = _search.predicted_collectives(mp, layout)
     collectives: dict[str, tuple[int, float]] = {}
     comm_bytes: dict[str, float] = {}
-    for kind, n, b in _search.combine(mp, preds):
-        c0, b0 = collectives.get(kind, (0, 0.0))
-        collectives[kind] = (c0 + n, b0 + b)
-    for _, c in preds:
+    combined = _search.combine(mp, preds)
+    for c in combined:
+        n0, b0 = collectives.get(c.kind, (0, 0.0))
+        collectives[c.kind] = (n0 + 1, b0 + c.nbytes)
         comm_bytes[c.kind] = comm_bytes.get(c.kind, 0.0) + c.nbytes
-    compute, comm = _search.times(mp, preds)
+    compute, comm = _search.times(mp, combined)
     memory = _search.memory(mp, layout)
     cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, memory)
     r = mp.result

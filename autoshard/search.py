@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 
@@ -14,7 +14,7 @@ from autoshard.cost_model.ilp import SolverResult, solve
 from autoshard.cost_model.memory import live_peak
 from autoshard.cost_model.resharding import per_device_bytes, reshard
 from autoshard.passes.annotate import Layout, partition_spec
-from autoshard.passes.graph import Lit, OpGraph
+from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
 from autoshard.passes.simplify import Problem, build_request, decode, merge_followers
 from autoshard.passes.strategies import enumerate_strategies, op_info, source_strategies
 
@@ -70,7 +70,10 @@ def solve_on_mesh(
         for v in graph.inputs
     ]
     units += [source_strategies(graph.values[v].shape, 0, desc, hw, True) for v, _ in graph.consts]
-    units += [enumerate_strategies(op_info(graph, n), desc, hw) for n in graph.nodes]
+    feeds = feeds_contraction(graph)
+    units += [
+        enumerate_strategies(op_info(graph, n, not feeds[n.id]), desc, hw) for n in graph.nodes
+    ]
     problem = merge_followers(graph, units, desc, hw)
     result = solve(build_request(problem, time_limit))
     return MeshPlan(mesh, problem, result, decode(problem, result.choice))
@@ -136,9 +139,10 @@ def specs_of(values, layout: Layout, names):
     ]
 
 
-def times(mp: MeshPlan, preds) -> tuple[float, float]:
-    """(compute, communication) seconds of the chosen plan, given its collectives."""
-    comm = coll.total_time([c for _, c in preds], mp.problem.mesh, mp.problem.hw)
+def times(mp: MeshPlan, combined) -> tuple[float, float]:
+    """(compute, communication) seconds of the chosen plan, given its collectives as
+    the compiled program runs them."""
+    comm = coll.total_time(combined, mp.problem.mesh, mp.problem.hw)
     return max(mp.result.objective - comm, 0.0), comm
 
 
@@ -165,22 +169,22 @@ def _ancestors(graph: OpGraph) -> list[int]:
     return anc
 
 
-def combine(mp: MeshPlan, preds) -> list[tuple[str, int, float]]:
-    """(kind, 1, bytes) per collective the compiled program should contain: predicted
-    collectives, with independent all-reduces over the same axes merged greedily."""
+def combine(mp: MeshPlan, preds) -> list[coll.Collective]:
+    """The collectives the compiled program should contain: the predicted ones, with
+    independent all-reduces over the same axes merged greedily into one."""
     anc = _ancestors(mp.problem.graph)
-    buckets: list[tuple[tuple, list[int], float]] = []
+    buckets: list[tuple[coll.Collective, list[int]]] = []
     out = []
     for nid, c in preds:
         if c.kind not in COMBINED_KINDS:
-            out.append((c.kind, 1, c.nbytes))
+            out.append(c)
             continue
-        key = (c.kind, c.axes, c.reduce_op)
-        for i, (k, members, b) in enumerate(buckets):
+        for i, (b, members) in enumerate(buckets):
+            same = (b.kind, b.axes, b.reduce_op) == (c.kind, c.axes, c.reduce_op)
             indep = all(not (anc[nid] >> m) & 1 and not (anc[m] >> nid) & 1 for m in members)
-            if k == key and indep:
-                buckets[i] = (k, [*members, nid], b + c.nbytes)
+            if same and indep:
+                buckets[i] = (replace(b, nbytes=b.nbytes + c.nbytes), [*members, nid])
                 break
         else:
-            buckets.append((key, [nid], c.nbytes))
-    return out + [(k[0], 1, b) for k, _, b in buckets]
+            buckets.append((c, [nid]))
+    return out + [b for b, _ in buckets]

@@ -7,7 +7,8 @@ device. The estimated step time prices them on one reference ``autoshard.Hardwar
     flops / peak  +  sum over collectives of (latency + ring factor * bytes / bandwidth)
 
 with ring factors all-reduce 2(n-1)/n; all-gather, reduce-scatter, all-to-all (n-1)/n;
-collective-permute 1, for a group of n devices.
+collective-permute 1, for a group of n devices. A second, informational estimate
+replaces flops / peak by the roofline max(flops / peak, bytes accessed / memory bandwidth).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Measurement:
     flops: float
     memory: float
     compute_time: float
+    memory_time: float
     comm_time: float
     compile_time: float
     cpu_step: float
@@ -49,6 +51,11 @@ class Measurement:
     def est_time(self) -> float:
         """Estimated step time on the reference hardware."""
         return self.compute_time + self.comm_time
+
+    @property
+    def roofline_time(self) -> float:
+        """Like est_time, with compute priced as max(flops, memory traffic) time."""
+        return max(self.compute_time, self.memory_time) + self.comm_time
 
 
 def ring_factor(kind: str, n: int) -> float:
@@ -63,7 +70,10 @@ def ring_factor(kind: str, n: int) -> float:
 
 
 def collective_time(c: autoshard.Collective, hw: autoshard.Hardware, num_devices: int) -> float:
-    """Latency + ring factor * bytes / bandwidth; 0 for a group of one device."""
+    """Latency + ring factor * bytes / bandwidth; 0 for a group of one device.
+
+    The reference hardware has one bandwidth and latency for every device (axis 0's).
+    """
     n = c.group_size or num_devices  # 0: the group could not be read, assume all devices
     if n <= 1:
         return 0.0
@@ -81,13 +91,14 @@ def by_kind(colls: list[autoshard.Collective]) -> dict[str, KindStats]:
     return out
 
 
-def flops_of(compiled) -> float:
-    """Per-device flops; ``cost_analysis()`` is a dict in jax 0.10 (a list of one in
-    some older versions)."""
+def cost_of(compiled) -> tuple[float, float]:
+    """Per-device (flops, bytes accessed); ``cost_analysis()`` is a dict in jax 0.10
+    (a list of one dict in some older versions)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
+    cost = cost or {}
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def memory_of(compiled) -> float:
@@ -126,13 +137,14 @@ def measure(lowerable, args, hw: autoshard.Hardware, runs: int = 5) -> Measureme
     text = compiled.as_text()
     colls = autoshard.parse_collectives(text)
     n = jax.device_count()
-    flops = flops_of(compiled)
+    flops, nbytes = cost_of(compiled)
     cpu_step, loss = run_timed(compiled, args, runs)
     return Measurement(
         collectives=by_kind(colls),
         flops=flops,
         memory=memory_of(compiled),
         compute_time=flops / hw.flops,
+        memory_time=nbytes / hw.memory_bandwidth,
         comm_time=sum(collective_time(c, hw, n) for c in colls),
         compile_time=compile_time,
         cpu_step=cpu_step,

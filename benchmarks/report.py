@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from baselines import AUTOSHARD, DP, DP_TP, FSDP, MEGATRON, SHARD_BATCH
@@ -18,7 +19,15 @@ _SHORT = {
     "collective-permute": "CP",
 }
 AUTO_MESH = "auto"
-PLOT_METHODS = (DP, FSDP, MEGATRON, DP_TP, SHARD_BATCH, "autoshard, best fixed mesh", "autoshard, auto mesh")
+PLOT_METHODS = (
+    DP,
+    FSDP,
+    MEGATRON,
+    DP_TP,
+    SHARD_BATCH,
+    "autoshard, best fixed mesh",
+    "autoshard, auto mesh",
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ def fmt_count(x: float) -> str:
 
 
 def fmt_us(seconds: float) -> str:
+    """Seconds as microseconds with two decimals: ``5.16e-06`` -> ``5.16``."""
     return f"{seconds * 1e6:.2f}"
 
 
@@ -70,22 +80,30 @@ def fmt_collectives(colls: dict[str, KindStats]) -> str:
     return "; ".join(parts) or "none"
 
 
-def best_baselines(rows: list[Row]) -> dict[str, Row]:
-    """Per workload, the baseline row with the lowest estimated step (numerics ok)."""
+def _est(r: Row) -> float:
+    return r.m.est_time
+
+
+def _roofline(r: Row) -> float:
+    return r.m.roofline_time
+
+
+def best_baselines(rows: list[Row], key: Callable[[Row], float] = _est) -> dict[str, Row]:
+    """Per workload, the baseline row with the lowest ``key`` (numerics ok)."""
     best: dict[str, Row] = {}
     for r in rows:
         if r.method == AUTOSHARD or r.m is None or r.check != "ok":
             continue
-        if r.workload not in best or r.m.est_time < best[r.workload].m.est_time:
+        if r.workload not in best or key(r) < key(best[r.workload]):
             best[r.workload] = r
     return best
 
 
-def _ratio(r: Row, best: dict[str, Row]) -> str:
-    b = best.get(r.workload)
-    if r.m is None or b is None or b.m.est_time <= 0:
+def _ratio(r: Row | None, best: dict[str, Row], key: Callable[[Row], float] = _est) -> str:
+    b = best.get(r.workload) if r is not None else None
+    if r is None or r.m is None or b is None or key(b) <= 0:
         return "-"
-    return f"{r.m.est_time / b.m.est_time:.2f}"
+    return f"{key(r) / key(b):.2f}"
 
 
 def _mesh_label(r: Row) -> str:
@@ -97,13 +115,14 @@ def main_table(rows: list[Row]) -> str:
     best = best_baselines(rows)
     head = (
         "| workload | mesh | method | collectives (compiled) | flops/dev | mem/dev | "
-        "est. step (us) | x best baseline | plan (s) | compile (s) | CPU step (ms) | loss check |"
+        "est. step (us) | x best baseline | est. roofline (us) | plan (s) | compile (s) | "
+        "CPU step (ms) | loss check |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         plan = f"{r.plan_time:.2f}" if r.plan_time is not None else "-"
         if r.m is None:
-            cells = ["-"] * 7 + [plan, "-", "-"]
+            cells = ["-"] * 6 + [plan, "-", "-"]
         else:
             m = r.m
             cells = [
@@ -112,30 +131,34 @@ def main_table(rows: list[Row]) -> str:
                 fmt_bytes(m.memory),
                 fmt_us(m.est_time),
                 _ratio(r, best),
+                fmt_us(m.roofline_time),
                 plan,
                 f"{m.compile_time:.2f}",
                 f"{m.cpu_step * 1e3:.2f}",
             ]
-        row = [r.workload, _mesh_label(r), r.method, *cells[:8], r.check]
+        row = [r.workload, _mesh_label(r), r.method, *cells, r.check]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+def _summary_cell(r: Row | None, best: dict[str, Row], best_roof: dict[str, Row]) -> str:
+    if r is None:
+        return "not run"
+    cell = f"{_ratio(r, best)} ({_ratio(r, best_roof, _roofline)})"
+    return cell + (f", chose {r.chosen}" if r.mesh == AUTO_MESH and r.chosen else "")
+
+
 def summary_table(rows: list[Row], meshes: list[str]) -> str:
-    """Per workload: the best baseline, and autoshard's estimate / that, per mesh."""
-    best = best_baselines(rows)
+    """Per workload: the best baseline, and autoshard's estimate / that, per mesh
+    (in parentheses the same ratio for the roofline estimate)."""
+    best, best_roof = best_baselines(rows), best_baselines(rows, _roofline)
     auto = {(r.workload, r.mesh): r for r in rows if r.method == AUTOSHARD}
-    head = ["workload", "best baseline (est. us)", *[f"autoshard {m}" for m in meshes]]
+    head = ["workload", "best baseline: est. us", *[f"autoshard {m}" for m in meshes]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in dict.fromkeys(r.workload for r in rows):
         b = best.get(w)
         cells = [w, f"{b.method} on {b.mesh}: {fmt_us(b.m.est_time)}" if b else "-"]
-        for mesh in meshes:
-            r = auto.get((w, mesh))
-            cell = _ratio(r, best) if r is not None else "not run"
-            if r is not None and mesh == AUTO_MESH and r.chosen:
-                cell += f" (chose {r.chosen})"
-            cells.append(cell)
+        cells += [_summary_cell(auto.get((w, m)), best, best_roof) for m in meshes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -145,7 +168,8 @@ def hardware_line(hw: autoshard.Hardware) -> str:
     return (
         f"Reference hardware `{hw.name}` (reduce_scatter={hw.reduce_scatter}), per device: "
         f"{hw.flops / 1e12:.0f} TFLOP/s peak, {hw.axis_bandwidth(0) / 1e9:.0f} GB/s "
-        f"interconnect, {hw.axis_latency(0) * 1e6:.0f} us latency per collective. "
+        f"interconnect, {hw.axis_latency(0) * 1e6:.0f} us latency per collective, "
+        f"{hw.memory_bandwidth / 1e12:.2f} TB/s memory bandwidth. "
         "Estimated step = flops/peak + sum over collectives of (latency + ring factor x "
         "bytes / bandwidth); ring factors all-reduce 2(n-1)/n, all-gather / reduce-scatter / "
         "all-to-all (n-1)/n, collective-permute 1."
@@ -159,13 +183,15 @@ def render(rows: list[Row], meshes: list[str], hw: autoshard.Hardware, notes: li
         "CP collective-permute; `count x bytes per device n=group sizes`. flops, memory "
         "(XLA's peak) and collectives are per device, read from the compiled program. "
         "`x best baseline` = est. step / the lowest est. step of any baseline on any mesh "
-        "for that workload. CPU step: median on the emulated CPU devices, informational "
-        "only. loss check: first-step loss vs the single-device step (abs tol 1e-5)."
+        "for that workload. est. roofline: the same with flops/peak replaced by "
+        "max(flops/peak, bytes accessed/memory bandwidth), informational. CPU step: "
+        "median on the emulated CPU devices, informational only. "
+        "loss check: first-step loss vs the single-device step (abs tol 1e-5)."
     )
     parts = [
         hardware_line(hw),
         "",
-        "### autoshard est. step / best baseline",
+        "### autoshard est. step / best baseline (roofline estimate / best baseline)",
         "",
         summary_table(rows, meshes),
         "",
@@ -185,11 +211,7 @@ def _plot_values(rows: list[Row], workload: str) -> list[float]:
     for method in PLOT_METHODS:
         if method.startswith(AUTOSHARD):
             want_auto = method.endswith("auto mesh")
-            sel = [
-                r
-                for r in rows
-                if r.method == AUTOSHARD and (r.mesh == AUTO_MESH) == want_auto
-            ]
+            sel = [r for r in rows if r.method == AUTOSHARD and (r.mesh == AUTO_MESH) == want_auto]
         else:
             sel = [r for r in rows if r.method == method]
         ests = [r.m.est_time * 1e6 for r in sel if r.workload == workload and r.m is not None]

@@ -34,15 +34,20 @@ class Collective:
     reduce_op: str = "sum"
 
 
-def time(c: Collective, mesh: MeshDesc, hw: Hardware) -> float:
-    """Seconds for one collective: latency + ring factor * bytes / slowest axis bandwidth."""
+def time(c: Collective, mesh: MeshDesc, hw: Hardware, latency: bool = True) -> float:
+    """Seconds for one collective: latency + ring factor * bytes / slowest axis bandwidth.
+
+    latency=False prices a collective that the compiler fuses into another one (its
+    bytes still move, its fixed cost is paid once by the fused collective)."""
     n = mesh.group(c.axes)
     if n <= 1 or c.nbytes == 0:
         return 0.0
     bw = min(hw.axis_bandwidth(a) for a in c.axes)
-    lat = max(hw.axis_latency(a) for a in c.axes)
+    lat = max(hw.axis_latency(a) for a in c.axes) if latency else 0.0
     return lat + _factor(c.kind, n) * c.nbytes / bw
 
 
-def total_time(cs, mesh: MeshDesc, hw: Hardware) -> float:
-    return sum(time(c, mesh, hw) for c in cs)
+def total_time(cs, mesh: MeshDesc, hw: Hardware, fused_all_reduce: bool = False) -> float:
+    """Seconds for collectives run one after another; with fused_all_reduce, their
+    all-reduces join one fused all-reduce and pay no latency of their own."""
+    return sum(time(c, mesh, hw, not (fused_all_reduce and c.kind == ALL_REDUCE)) for c in cs)

@@ -39,11 +39,21 @@ class Tie:
 
 
 @dataclass(frozen=True)
+class SharedCost:
+    """A cost paid once if any listed (node, strategies) choice is made: the latency
+    of one fused collective shared by every operation that joins it."""
+
+    cost: float
+    members: tuple[tuple[int, tuple[int, ...]], ...]  # (node, its strategies that join)
+
+
+@dataclass(frozen=True)
 class SolverRequest:
     node_costs: tuple[np.ndarray, ...]
     edges: tuple[Edge, ...] = ()
     ties: tuple[Tie, ...] = ()
     time_limit: float = 60.0
+    shared: tuple[SharedCost, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,9 @@ def evaluate(request: SolverRequest, choice) -> tuple[float, list[str]]:
     obj = sum(float(c[k]) for c, k in zip(request.node_costs, choice, strict=True))
     for e in request.edges:
         obj += float(e.cost[e.u_class[choice[e.u]], e.v_class[choice[e.v]]])
+    for sc in request.shared:
+        if any(choice[n] in js for n, js in sc.members):
+            obj += sc.cost
     for t in request.ties:
         if t.u_class[choice[t.u]] != t.v_class[choice[t.v]]:
             bad.append(f"tie {t.u}-{t.v}: classes differ")
@@ -75,10 +88,11 @@ def evaluate(request: SolverRequest, choice) -> tuple[float, list[str]]:
 
 
 class _Rows:
-    """Accumulates sparse equality rows."""
+    """Accumulates sparse rows: equalities, and `<= 0` inequalities."""
 
     def __init__(self) -> None:
         self.r, self.c, self.v, self.rhs = [], [], [], []
+        self.is_ineq: list[bool] = []
 
     def add(self, cols, vals, rhs: float) -> None:
         n = len(self.rhs)
@@ -86,12 +100,19 @@ class _Rows:
         self.c += list(cols)
         self.v += list(vals)
         self.rhs.append(rhs)
+        self.is_ineq.append(False)
+
+    def ineq(self, cols, vals) -> None:
+        """sum(vals * x[cols]) <= 0."""
+        self.add(cols, vals, 0.0)
+        self.is_ineq[-1] = True
 
 
 def solve(request: SolverRequest) -> SolverResult:
     """Solve exactly with HiGHS (scipy.optimize.milp). If no feasible point comes back
-    (time-out before one is found, or an infeasible request), the result is strategy 0
-    everywhere (fully replicated) with status "fallback"."""
+    (time-out before one is found, or an infeasible request), or the time-limited
+    incumbent costs more than it, the result is strategy 0 everywhere (fully
+    replicated) with status "fallback"."""
     t0 = time.perf_counter()
     offs = np.cumsum([0] + [len(c) for c in request.node_costs])
     n_s = int(offs[-1])
@@ -125,12 +146,20 @@ def solve(request: SolverRequest) -> SolverResult:
             for j in vs:
                 coef[j] = coef.get(j, 0.0) - 1.0
             rows.add(list(coef), list(coef.values()), 0)
+    for sc in request.shared:  # y >= chosen(node in members), y in [0, 1], cost * y
+        y = n_var
+        n_var += 1
+        cost.append(np.array([sc.cost]))
+        for n, js in sc.members:
+            rows.ineq(list(offs[n] + np.asarray(js)) + [y], [1.0] * len(js) + [-1.0])
     c = np.concatenate(cost)
     a = sp.csr_array((rows.v, (rows.r, rows.c)), shape=(len(rows.rhs), n_var))
+    lo = np.array(rows.rhs, float)
+    lo[rows.is_ineq] = -np.inf
     integrality = np.r_[np.ones(n_s), np.zeros(n_var - n_s)]
     res = milp(
         c,
-        constraints=LinearConstraint(a, rows.rhs, rows.rhs),
+        constraints=LinearConstraint(a, lo, rows.rhs),
         integrality=integrality,
         bounds=Bounds(0, 1),
         options={"time_limit": request.time_limit, "mip_rel_gap": 1e-6},
@@ -145,4 +174,9 @@ def solve(request: SolverRequest) -> SolverResult:
         )
         status = "optimal" if res.status == 0 else "time_limit"
     obj, _ = evaluate(request, choice)
+    replicated = tuple(0 for _ in request.node_costs)
+    if status == "time_limit" and evaluate(request, replicated)[0] < obj:
+        # a time-limited incumbent can be far from optimal; never return worse than
+        # the always-feasible replicated plan
+        choice, obj, status = replicated, evaluate(request, replicated)[0], "fallback"
     return SolverResult(choice, obj, status, time.perf_counter() - t0, n_var, len(rows.rhs))

@@ -76,6 +76,21 @@ class OpGraph:
         return ref.shape if isinstance(ref, Lit) else self.values[ref].shape
 
 
+CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def feeds_contraction(graph: OpGraph) -> tuple[bool, ...]:
+    """Per node: does any matmul/convolution depend on its results? Collectives of
+    nodes that feed none (gradients on their way to the optimizer, the loss) are
+    independent of each other, which is what lets XLA fuse their all-reduces."""
+    consumers = graph.consumers()
+    feeds = [False] * len(graph.nodes)
+    for n in reversed(graph.nodes):
+        users = [graph.nodes[c] for v in n.outputs for c, _ in consumers.get(v, ())]
+        feeds[n.id] = any(u.name in CONTRACTIONS or feeds[u.id] for u in users)
+    return tuple(feeds)
+
+
 class _Builder:
     def __init__(self) -> None:
         self.values: list[ValueInfo] = []

@@ -18,7 +18,7 @@ import numpy as np
 
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.hardware import Hardware, MeshDesc
-from autoshard.cost_model.ilp import Edge, SolverRequest, Tie
+from autoshard.cost_model.ilp import Edge, SharedCost, SolverRequest, Tie
 from autoshard.cost_model.resharding import reshard
 from autoshard.passes.graph import Lit, OpGraph
 from autoshard.passes.rules.elementwise import NARY, UNARY
@@ -157,7 +157,33 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
             if edge is not None:
                 edges.append(edge)
     ties = [_tie(problem, node, i, o) for i, o in g.ties]
-    return SolverRequest(tuple(costs), tuple(edges), tuple(t for t in ties if t), time_limit)
+    return SolverRequest(
+        tuple(costs),
+        tuple(edges),
+        tuple(t for t in ties if t),
+        time_limit,
+        _fused_latencies(problem, node),
+    )
+
+
+def _fused_latencies(problem: Problem, node) -> tuple[SharedCost, ...]:
+    """One latency per mesh-axis group of fused all-reduces, shared by every root
+    strategy whose (followers') strategies join that group."""
+    members: dict[tuple[int, ...], dict[int, set[int]]] = {}
+    for u, strategies in enumerate(problem.units):
+        root = problem.root_of[u]
+        for j, k in enumerate(problem.follow[u]):
+            for g in strategies[k].fused_groups:
+                members.setdefault(g, {}).setdefault(node[root], set()).add(j)
+    hw = problem.hw
+    return tuple(
+        SharedCost(
+            max(hw.axis_latency(a) for a in g),
+            tuple((n, tuple(sorted(js))) for n, js in sorted(m.items())),
+        )
+        for g, m in sorted(members.items())
+        if problem.mesh.group(g) > 1
+    )
 
 
 def _sized(rtime, nbytes, a, b) -> float:

@@ -22,7 +22,14 @@ from autoshard.cost_model.resharding import Spec, per_device_bytes
 from autoshard.passes.graph import Lit, OpGraph
 from autoshard.passes.rules import REDUCE, FactorMap, OpView, factor_map
 from autoshard.passes.rules.core import Builder
+from autoshard.passes.rules.elementwise import NARY, UNARY
 
+FUSIBLE = (
+    frozenset(UNARY.split())
+    | frozenset(NARY.split())
+    | {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "iota", "slice"}
+    | {"concatenate", "pad", "rev"}
+)
 _SHORT = {coll.ALL_REDUCE: "AR", coll.REDUCE_SCATTER: "RS"}
 
 
@@ -37,6 +44,9 @@ class Strategy:
     collectives: tuple[coll.Collective, ...]
     cost: float  # seconds: compute + own collectives
     axes_used: int
+    # Mesh-axis groups of all-reduces that XLA fuses with others (priced without
+    # latency here; the ILP pays one latency per group that any chosen strategy uses).
+    fused_groups: tuple[tuple[int, ...], ...] = ()
 
 
 def spec_str(spec: Spec | None) -> str:
@@ -72,6 +82,12 @@ class OpInfo:
     in_bytes: tuple[float, ...]  # global bytes of each operand (0 for literals)
     out_bytes: tuple[float, ...]
     literal: tuple[bool, ...]
+    # Its all-reduces are independent of other gradient/loss all-reduces (no matmul
+    # depends on it), so XLA's all-reduce combiner fuses them: no latency of their own.
+    fused_all_reduce: bool = False
+    # XLA fuses elementwise and layout operations into their neighbours: they cost
+    # their flops, not a round trip through memory each.
+    fusible: bool = False
 
 
 def enumerate_strategies(op: OpInfo, mesh: MeshDesc, hw: Hardware) -> tuple[Strategy, ...]:
@@ -108,8 +124,10 @@ def enumerate_strategies(op: OpInfo, mesh: MeshDesc, hw: Hardware) -> tuple[Stra
                 continue
             seen.add(key)
             used = mesh.group([a for ax in axes_of.values() for a in ax])
-            nbytes = sum(b for b in op.in_bytes) + sum(op.out_bytes)
-            cost = compute_time(flops / used, nbytes / used, hw) + coll.total_time(colls, mesh, hw)
+            nbytes = 0.0 if op.fusible else sum(op.in_bytes) + sum(op.out_bytes)
+            cost = compute_time(flops / used, nbytes / used, hw) + coll.total_time(
+                colls, mesh, hw, op.fused_all_reduce
+            )
             name = (
                 " x ".join(spec_str(s) for s in ins)
                 + " -> "
@@ -124,9 +142,23 @@ def enumerate_strategies(op: OpInfo, mesh: MeshDesc, hw: Hardware) -> tuple[Stra
                     + "]"
                 )
             out.append(
-                Strategy(name, ins, outs_v, colls, cost, sum(len(a) for a in axes_of.values()))
+                Strategy(
+                    name,
+                    ins,
+                    outs_v,
+                    colls,
+                    cost,
+                    sum(len(a) for a in axes_of.values()),
+                    _fused_groups(colls, op.fused_all_reduce),
+                )
             )
     return tuple(out)
+
+
+def _fused_groups(colls, fused: bool) -> tuple[tuple[int, ...], ...]:
+    if not fused:
+        return ()
+    return tuple(sorted({c.axes for c in colls if c.kind == coll.ALL_REDUCE}))
 
 
 def _reductions(outs, reduce_axes, reduce_op, op: OpInfo, fmap: FactorMap, mesh: MeshDesc, hw):
@@ -169,7 +201,7 @@ def source_strategies(shape, nbytes: float, mesh: MeshDesc, hw: Hardware, replic
     return out[:1] if replicated_only else out
 
 
-def op_info(graph: OpGraph, node) -> OpInfo:
+def op_info(graph: OpGraph, node, fused_all_reduce: bool = False) -> OpInfo:
     view = OpView(
         node.name,
         tuple(graph.shape(r) for r in node.inputs),
@@ -181,6 +213,6 @@ def op_info(graph: OpGraph, node) -> OpInfo:
         0.0 if isinstance(r, Lit) else float(graph.values[r].nbytes) for r in node.inputs
     )
     out_bytes = tuple(float(graph.values[o].nbytes) for o in node.outputs)
-    return OpInfo(
-        node.name, fmap, in_bytes, out_bytes, tuple(isinstance(r, Lit) for r in node.inputs)
-    )
+    literal = tuple(isinstance(r, Lit) for r in node.inputs)
+    fusible = node.name in FUSIBLE
+    return OpInfo(node.name, fmap, in_bytes, out_bytes, literal, fused_all_reduce, fusible)

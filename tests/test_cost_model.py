@@ -484,3 +484,16 @@ def test_reshard_moving_axes_between_several_dimension_pairs_is_a_gather():
     # one pair of dimensions: an all-to-all
     cs = reshard(((0, 1), (), ()), ((), (), (0, 1)), 8192.0, mesh)
     assert [(c.kind, c.axes, c.nbytes) for c in cs] == [("all-to-all", (0, 1), 1024.0)]
+
+
+def test_ilp_shared_cost_is_paid_once_by_all_members():
+    # two nodes; strategy 1 of each is cheaper alone but joins a shared fixed cost
+    shared = ilp.SharedCost(3.0, ((0, (1,)), (1, (1,))))
+    req = ilp.SolverRequest((np.array([2.0, 0.0]), np.array([2.0, 0.0])), shared=(shared,))
+    res = ilp.solve(req)
+    assert res.choice == (1, 1) and res.objective == pytest.approx(3.0)  # 0 + 0 + 3 once
+    assert ilp.evaluate(req, (0, 1))[0] == pytest.approx(5.0)
+    assert ilp.evaluate(req, (0, 0))[0] == pytest.approx(4.0)
+    # a larger shared cost makes the members avoid it
+    dear = ilp.SolverRequest(req.node_costs, shared=(ilp.SharedCost(5.0, shared.members),))
+    assert ilp.solve(dear).choice == (0, 0)
