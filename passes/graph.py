@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from autoshard.passes import jax_core
+from autoshard.passes.rules.families import CONTRACTIONS
 from autoshard.passes.trace import Traced
 
 
@@ -74,9 +75,6 @@ class OpGraph:
 
     def shape(self, ref: int | Lit) -> tuple[int, ...]:
         return ref.shape if isinstance(ref, Lit) else self.values[ref].shape
-
-
-CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
 
 
 def feeds_contraction(graph: OpGraph) -> tuple[bool, ...]:

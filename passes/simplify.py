@@ -21,12 +21,8 @@ from autoshard.cost_model.hardware import Hardware, MeshDesc
 from autoshard.cost_model.ilp import Edge, SharedCost, SolverRequest, Tie
 from autoshard.cost_model.resharding import reshard
 from autoshard.passes.graph import Lit, OpGraph
-from autoshard.passes.rules.elementwise import NARY, UNARY
+from autoshard.passes.rules.families import DECISIONS, ELEMENTWISE
 from autoshard.passes.strategies import Strategy
-
-_ELEMENTWISE = frozenset(UNARY.split()) | frozenset(NARY.split())
-# Operations that are decisions of their own even with a single array operand.
-_ALWAYS_ROOT = frozenset({"dot_general", "gather", "scan", "while", "cond"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,12 +55,12 @@ class Problem:
 
 
 def _followed_operand(graph: OpGraph, node) -> int | None:
-    if node.name in _ALWAYS_ROOT or node.name.startswith("scatter"):
+    if node.name in DECISIONS:
         return None
     arrays = [p for p, r in enumerate(node.inputs) if not isinstance(r, Lit) and graph.shape(r)]
     if len(arrays) == 1:
         return arrays[0]
-    if node.name in _ELEMENTWISE:
+    if node.name in ELEMENTWISE:
         out = graph.values[node.outputs[0]].shape
         return next((p for p in arrays if graph.shape(node.inputs[p]) == out), None)
     return None

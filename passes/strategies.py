@@ -22,14 +22,8 @@ from autoshard.cost_model.resharding import Spec, per_device_bytes
 from autoshard.passes.graph import Lit, OpGraph
 from autoshard.passes.rules import REDUCE, FactorMap, OpView, factor_map
 from autoshard.passes.rules.core import Builder
-from autoshard.passes.rules.elementwise import NARY, UNARY
+from autoshard.passes.rules.families import CONTRACTIONS, FUSIBLE
 
-FUSIBLE = (
-    frozenset(UNARY.split())
-    | frozenset(NARY.split())
-    | {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "iota", "slice"}
-    | {"concatenate", "pad", "rev"}
-)
 _SHORT = {coll.ALL_REDUCE: "AR", coll.REDUCE_SCATTER: "RS"}
 
 
@@ -68,7 +62,7 @@ def _valid(spec: Spec) -> bool:
 
 def op_flops(primitive: str, fmap: FactorMap, out_shapes) -> float:
     """Work of one operation: 2*prod(factors) for contractions, else one per element."""
-    if primitive in ("dot_general", "conv_general_dilated"):
+    if primitive in CONTRACTIONS:
         return 2.0 * math.prod(f.size for f in fmap.factors)
     return float(max((math.prod(s) for s in out_shapes), default=0))
 

@@ -1,0 +1,29 @@
+"""Primitive families that passes other than enumeration need to know: which
+operations contract (do matmul-like work), which XLA fuses into their neighbours, and
+which are decisions of their own even with a single array operand."""
+
+from __future__ import annotations
+
+from autoshard.passes.rules.elementwise import NARY, UNARY
+
+ELEMENTWISE = frozenset(UNARY.split()) | frozenset(NARY.split())
+CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
+LAYOUT = frozenset(
+    {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "iota", "slice"}
+    | {"concatenate", "pad", "rev"}
+)
+FUSIBLE = ELEMENTWISE | LAYOUT
+# Never merged into the producer of one operand: their layout is a choice of its own.
+DECISIONS = (
+    CONTRACTIONS
+    | {"gather", "scatter", "scatter-add", "scatter_add"}
+    | {
+        "scatter-mul",
+        "scatter_mul",
+        "scatter-min",
+        "scatter-max",
+        "scan",
+        "while",
+        "cond",
+    }
+)
