@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -140,7 +141,7 @@ class Plan:
             shape,
             tuple(doc["mesh"]["names"]),
             axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
-            devices=devices[: _prod(shape)],
+            devices=devices[: math.prod(shape)],
         )
         cost = doc["cost"]
         cost["collectives"] = {k: tuple(v) for k, v in cost["collectives"].items()}
@@ -158,13 +159,6 @@ class Plan:
             SolverStats(**solver),
             entries,
         )
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def _pspec(p: PartitionSpec) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 
 import jax
@@ -144,10 +143,6 @@ def times(mp: MeshPlan, combined) -> tuple[float, float]:
     the compiled program runs them."""
     comm = coll.total_time(combined, mp.problem.mesh, mp.problem.hw)
     return max(mp.result.objective - comm, 0.0), comm
-
-
-def now() -> float:
-    return time.perf_counter()
 
 
 # XLA fuses independent all-reduces over the same devices into one (its all-reduce

@@ -34,6 +34,11 @@ class Collective:
     reduce_op: str = "sum"
 
 
+def fixed_cost(axes: tuple[int, ...], hw: Hardware) -> float:
+    """Latency of one collective over these mesh axes (the slowest axis's)."""
+    return max(hw.axis_latency(a) for a in axes)
+
+
 def time(c: Collective, mesh: MeshDesc, hw: Hardware, latency: bool = True) -> float:
     """Seconds for one collective: latency + ring factor * bytes / slowest axis bandwidth.
 
@@ -43,7 +48,7 @@ def time(c: Collective, mesh: MeshDesc, hw: Hardware, latency: bool = True) -> f
     if n <= 1 or c.nbytes == 0:
         return 0.0
     bw = min(hw.axis_bandwidth(a) for a in c.axes)
-    lat = max(hw.axis_latency(a) for a in c.axes) if latency else 0.0
+    lat = fixed_cost(c.axes, hw) if latency else 0.0
     return lat + _factor(c.kind, n) * c.nbytes / bw
 
 

@@ -171,10 +171,9 @@ def _fused_latencies(problem: Problem, node) -> tuple[SharedCost, ...]:
         for j, k in enumerate(problem.follow[u]):
             for g in strategies[k].fused_groups:
                 members.setdefault(g, {}).setdefault(node[root], set()).add(j)
-    hw = problem.hw
     return tuple(
         SharedCost(
-            max(hw.axis_latency(a) for a in g),
+            coll.fixed_cost(g, problem.hw),
             tuple((n, tuple(sorted(js))) for n, js in sorted(m.items())),
         )
         for g, m in sorted(members.items())
