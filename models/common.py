@@ -26,11 +26,15 @@ class TrainState(NamedTuple):
       params: ``nnx.State`` holding the model's ``nnx.Param`` variables.
       opt_state: the optax state for ``params``.
       step: int32 scalar, number of steps taken.
+      model_state: ``nnx.State`` of the model's ``nnx.BatchStat`` variables
+        (batch-norm running statistics), updated by the forward pass; ``None``
+        for models without any.
     """
 
     params: nnx.State
     opt_state: optax.OptState
     step: jax.Array
+    model_state: nnx.State | None = None
 
 
 class Setup(NamedTuple):
@@ -47,9 +51,9 @@ def init_state(
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Splits ``model`` into its graphdef and an initial ``TrainState``.
 
-    The model must hold nothing but ``nnx.Param`` variables (no dropout, no
-    stored ``Rngs``, no batch statistics): anything else would be silently
-    frozen into the step, so it is rejected.
+    The model may hold ``nnx.Param`` and ``nnx.BatchStat`` variables (the
+    latter become ``state.model_state``). Anything else (dropout ``Rngs``,
+    caches) would be silently frozen into the step, so it is rejected.
 
     Args:
       model: a constructed NNX module.
@@ -65,11 +69,14 @@ def init_state(
       >>> int(state.step), state.params["kernel"].shape
       (0, (2, 3))
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leftover = jax.tree.leaves(rest)
-    if leftover:
-        raise ValueError(f"model holds non-Param state, which the step cannot update: {rest}")
-    return graphdef, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(
+            f"model holds state other than nnx.Param and nnx.BatchStat, which the step "
+            f"cannot update: {rest}"
+        )
+    model_state = stats if jax.tree.leaves(stats) else None
+    return graphdef, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), model_state)
 
 
 def make_train_step(
@@ -97,14 +104,20 @@ def make_train_step(
       (1, ())
     """
 
-    def params_loss(params: nnx.State, batch: Batch) -> jax.Array:
-        return loss_fn(nnx.merge(graphdef, params), batch)
+    def params_loss(params: nnx.State, model_state: nnx.State | None, batch: Batch):
+        if model_state is None:
+            return loss_fn(nnx.merge(graphdef, params), batch), None
+        model = nnx.merge(graphdef, params, model_state)
+        loss = loss_fn(model, batch)
+        return loss, nnx.state(model, nnx.BatchStat)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = jax.value_and_grad(params_loss)(state.params, batch)
+        (loss, model_state), grads = jax.value_and_grad(params_loss, has_aux=True)(
+            state.params, state.model_state, batch
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1), {"loss": loss}
+        return TrainState(params, opt_state, state.step + 1, model_state), {"loss": loss}
 
     return train_step
 

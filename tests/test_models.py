@@ -59,7 +59,7 @@ def test_init_state_rejects_non_param_state():
             self.lin = nnx.Linear(2, 2, rngs=rngs)
             self.drop = nnx.Dropout(0.1, rngs=rngs)
 
-    with pytest.raises(ValueError, match="non-Param"):
+    with pytest.raises(ValueError, match="other than nnx.Param"):
         common.init_state(WithDropout(nnx.Rngs(0)), optax.sgd(0.1))
 
 
