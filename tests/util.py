@@ -50,3 +50,30 @@ def assert_prediction_matches(step, *args, rel=0.10):
         pn, pb = predicted[kind]
         assert pn == n, (kind, compiled, predicted)
         assert abs(pb - b) <= rel * b, (kind, compiled, predicted)
+
+
+def primitives(train_step, *args) -> set[str]:
+    """Every primitive in the step's jaxpr, loop and branch bodies included; call-like
+    wrappers (jit, custom_jvp/vjp, remat) are inlined by the graph pass, so they are
+    replaced by their bodies' primitives."""
+    from autoshard.passes import jax_core
+
+    names: set[str] = set()
+
+    def walk(jaxpr):
+        jaxpr, _ = jax_core.split_closed(jaxpr)
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name not in jax_core.INLINE_BODY_PARAM:
+                names.add(eqn.primitive.name)
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(train_step)(*args))
+    return names
+
+
+def missing_rules(train_step, *args) -> set[str]:
+    """Primitives of the step that would fall back to replication."""
+    from autoshard.passes.rules import has_rule
+
+    return {p for p in primitives(train_step, *args) if not has_rule(p)}
