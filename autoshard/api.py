@@ -123,7 +123,7 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time) -> Plan:
     collectives: dict[str, tuple[int, float]] = {}
     comm_bytes: dict[str, float] = {}
     combined = _search.combine(mp, preds)
-    for c in combined:
+    for _, c in combined:
         n0, b0 = collectives.get(c.kind, (0, 0.0))
         collectives[c.kind] = (n0 + 1, b0 + c.nbytes)
         comm_bytes[c.kind] = comm_bytes.get(c.kind, 0.0) + c.nbytes

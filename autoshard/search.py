@@ -70,8 +70,10 @@ def solve_on_mesh(
     ]
     units += [source_strategies(graph.values[v].shape, 0, desc, hw, True) for v, _ in graph.consts]
     feeds = feeds_contraction(graph)
+    # all-reduces inside a loop body run every iteration: none is fused with the others
     units += [
-        enumerate_strategies(op_info(graph, n, not feeds[n.id]), desc, hw) for n in graph.nodes
+        enumerate_strategies(op_info(graph, n, not feeds[n.id] and n.weight == 1), desc, hw)
+        for n in graph.nodes
     ]
     problem = merge_followers(graph, units, desc, hw)
     result = solve(build_request(problem, time_limit))
@@ -140,8 +142,9 @@ def specs_of(values, layout: Layout, names):
 
 def times(mp: MeshPlan, combined) -> tuple[float, float]:
     """(compute, communication) seconds of the chosen plan, given its collectives as
-    the compiled program runs them."""
-    comm = coll.total_time(combined, mp.problem.mesh, mp.problem.hw)
+    the compiled program runs them: (times run per step, collective) pairs."""
+    mesh, hw = mp.problem.mesh, mp.problem.hw
+    comm = sum(w * coll.total_time([c], mesh, hw) for w, c in combined)
     return max(mp.result.objective - comm, 0.0), comm
 
 
@@ -164,22 +167,26 @@ def _ancestors(graph: OpGraph) -> list[int]:
     return anc
 
 
-def combine(mp: MeshPlan, preds) -> list[coll.Collective]:
-    """The collectives the compiled program should contain: the predicted ones, with
-    independent all-reduces over the same axes merged greedily into one."""
-    anc = _ancestors(mp.problem.graph)
-    buckets: list[tuple[coll.Collective, list[int]]] = []
+def combine(mp: MeshPlan, preds) -> list[tuple[int, coll.Collective]]:
+    """The collectives the compiled program should contain, each with the number of
+    times it runs per step: the predicted ones, with independent all-reduces over the
+    same axes in the same loop body (or outside all loops) merged greedily into one.
+    A collective in a loop body appears once in the program text."""
+    g = mp.problem.graph
+    anc = _ancestors(g)
+    buckets: list[tuple[coll.Collective, int, list[int]]] = []
     out = []
     for nid, c in preds:
+        region, weight = g.nodes[nid].region, g.nodes[nid].weight
         if c.kind not in COMBINED_KINDS:
-            out.append(c)
+            out.append((weight, c))
             continue
-        for i, (b, members) in enumerate(buckets):
-            same = (b.kind, b.axes, b.reduce_op) == (c.kind, c.axes, c.reduce_op)
+        for i, (b, r, members) in enumerate(buckets):
+            same = (b.kind, b.axes, b.reduce_op, r) == (c.kind, c.axes, c.reduce_op, region)
             indep = all(not (anc[nid] >> m) & 1 and not (anc[m] >> nid) & 1 for m in members)
             if same and indep:
-                buckets[i] = (replace(b, nbytes=b.nbytes + c.nbytes), [*members, nid])
+                buckets[i] = (replace(b, nbytes=b.nbytes + c.nbytes), r, [*members, nid])
                 break
         else:
-            buckets.append((c, [nid]))
-    return out + [b for b, _ in buckets]
+            buckets.append((c, region, [nid]))
+    return out + [(g.nodes[m[0]].weight, b) for b, _, m in buckets]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -39,28 +40,88 @@ def partition_spec(spec: Spec, names) -> PartitionSpec:
 
 
 def interpreter(graph: OpGraph, layout: Layout, mesh: jax.sharding.Mesh):
-    """A function of the flat inputs that evaluates graph under the layout."""
+    """A function of the flat inputs that evaluates graph under the layout. A scan
+    planned through its body runs as `jax.lax.scan` over the same body operations,
+    with the body's values constrained to their planned layouts."""
     names = mesh.axis_names
+    specs = layout.value_specs
+    regions: dict[int, list] = {}
+    for node in graph.nodes:
+        regions.setdefault(node.region, []).append(node)
 
     def constrain(x, spec):
         if spec is None or np.ndim(x) == 0:
             return x
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, partition_spec(spec, names)))
 
+    def read(env, r):
+        return r.value if isinstance(r, Lit) else env[r]
+
+    def as_array(x, info, shape):
+        """A literal where the loop needs an array (a carry, a stacked result)."""
+        return jnp.full(shape, x, info.dtype) if np.ndim(x) < len(shape) or np.isscalar(x) else x
+
+    def operand(env, node, pos):
+        """Operand pos of node, resharded to the layout the node was planned to take."""
+        r, want = node.inputs[pos], layout.operand_specs[node.id][pos]
+        x = read(env, r)
+        if not isinstance(r, Lit) and want != specs[r]:
+            x = constrain(x, want)
+        return x
+
+    def run_loop(env, loop) -> None:
+        enter = [graph.nodes[i] for i in loop.enter]
+        exits = [graph.nodes[i] for i in loop.exit]
+        body_in = [n.outputs[0] for n in enter]
+        outer = [operand(env, n, 0) for n in enter]
+        nc, nk = loop.num_consts, loop.num_carry
+        carry_in = body_in[nc : nc + nk]
+        values = graph.values
+
+        def carry(x, v):
+            return constrain(as_array(x, values[v], values[v].shape), specs[v])
+
+        def body(carries, xs):
+            inner = dict(env)
+            for v, x in zip(body_in, [*outer[:nc], *carries, *xs], strict=True):
+                inner[v] = constrain(x, specs[v])
+            run_region(inner, loop.id)
+            # carries keep the layout they entered with (the plan ties them)
+            new = [
+                carry(read(inner, n.inputs[0]), v)
+                for n, v in zip(exits[:nk], carry_in, strict=True)
+            ]
+            ys = [
+                as_array(operand(inner, n, 0), values[n.outputs[0]], values[n.outputs[0]].shape[1:])
+                for n in exits[nk:]
+            ]
+            return new, ys
+
+        init = [carry(x, v) for x, v in zip(outer[nc : nc + nk], carry_in, strict=True)]
+        p = loop.params
+        final, ys = jax.lax.scan(
+            body, init, outer[nc + nk :], p["length"], reverse=p["reverse"], unroll=p["unroll"]
+        )
+        for n, x in zip(exits, [*final, *ys], strict=True):
+            env[n.outputs[0]] = constrain(x, specs[n.outputs[0]])
+
+    def run_region(env, region: int) -> None:
+        done: set[int] = set()
+        for node in regions.get(region, ()):
+            if node.boundary >= 0:
+                if node.boundary not in done:
+                    done.add(node.boundary)
+                    run_loop(env, graph.loops[node.boundary])
+                continue
+            ins = [operand(env, node, pos) for pos in range(len(node.inputs))]
+            outs = jax_core.bind(node.primitive, ins, node.params)
+            for v, x in zip(node.outputs, outs, strict=True):
+                env[v] = constrain(x, specs[v])
+
     def run(*flat_args: Any) -> list[Any]:
         env: dict[int, Any] = dict(zip(graph.inputs, flat_args, strict=True))
         env.update({v: c for v, c in graph.consts})
-        read = lambda r: r.value if isinstance(r, Lit) else env[r]
-        for node in graph.nodes:
-            ins = []
-            for r, want in zip(node.inputs, layout.operand_specs[node.id], strict=True):
-                x = read(r)
-                if not isinstance(r, Lit) and want != layout.value_specs[r]:
-                    x = constrain(x, want)
-                ins.append(x)
-            outs = jax_core.bind(node.primitive, ins, node.params)
-            for v, x in zip(node.outputs, outs, strict=True):
-                env[v] = constrain(x, layout.value_specs[v])
-        return [read(r) for r in graph.outputs]
+        run_region(env, -1)
+        return [read(env, r) for r in graph.outputs]
 
     return run

@@ -1,8 +1,13 @@
 """jaxpr -> OpGraph: a flat list of operations over numbered values.
 
-Call-like equations (jit, custom_jvp/vjp, remat) are inlined; loops and branches stay
-whole as one node. Inputs keep their pytree paths, and state that flows in and out
-(params, optimizer moments, step counter) is recorded as ties.
+Call-like equations (jit, custom_jvp/vjp, remat) are inlined. A `scan` is planned
+through its body: the body's operations join the graph once, weighted by the trip
+count, between boundary operations that slice the scanned operands (`loop_slice`),
+pass constants and carries in (`loop_enter`), stack the per-iteration results
+(`loop_stack`) and hand the final carries out (`loop_exit`); each carry is tied to
+one layout in and out. `while` loops and `cond` stay whole as one node. Inputs keep
+their pytree paths, and state that flows in and out (params, optimizer moments,
+step counter) is recorded as ties.
 """
 
 from __future__ import annotations
@@ -36,19 +41,63 @@ class ValueInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
+@dataclass(frozen=True)
+class Boundary:
+    """A planning-only operation at a scan's edge; never bound to jax."""
+
+    name: str
+
+
+LOOP_ENTER = Boundary("loop_enter")  # a constant or initial carry, as the body sees it
+LOOP_SLICE = Boundary("loop_slice")  # stacked operand [L, ...] -> one iteration's [...]
+LOOP_STACK = Boundary("loop_stack")  # one iteration's result [...] -> stacked [L, ...]
+LOOP_EXIT = Boundary("loop_exit")  # the body's last carry -> the loop's result
+
+
 @dataclass(frozen=True, eq=False)
 class Node:
-    """One operation: a primitive applied to values (or literals), giving values."""
+    """One operation: a primitive applied to values (or literals), giving values.
+
+    weight: how many times it runs per step (the product of enclosing trip counts).
+    region: the loop whose body holds it (-1: the step itself).
+    boundary: for loop boundary operations, the loop they belong to (-1 otherwise).
+    """
 
     id: int
-    primitive: Any  # jax Primitive, used again when the graph is re-interpreted
+    primitive: Any  # jax Primitive (or Boundary), used again by the interpreter
     params: dict = field(repr=False)
     inputs: tuple[int | Lit, ...]
     outputs: tuple[int, ...]
+    weight: int = 1
+    region: int = -1
+    boundary: int = -1
 
     @property
     def name(self) -> str:
         return self.primitive.name
+
+
+@dataclass(frozen=True, eq=False)
+class Loop:
+    """A scan planned through its body.
+
+    enter: boundary nodes, one per scan operand (constants, carries, scanned).
+    exit: boundary nodes, one per scan result (carries, stacked).
+    """
+
+    id: int
+    params: dict = field(repr=False)
+    region: int
+    enter: tuple[int, ...]
+    exit: tuple[int, ...]
+
+    @property
+    def num_consts(self) -> int:
+        return self.params["num_consts"]
+
+    @property
+    def num_carry(self) -> int:
+        return self.params["num_carry"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +109,8 @@ class OpGraph:
     outputs: tuple[int | Lit, ...]
     ties: tuple[tuple[int, int], ...]  # (flat input index, flat output index)
     traced: Traced = field(repr=False)
+    loops: tuple[Loop, ...] = ()
+    value_ties: tuple[tuple[int, int], ...] = ()  # (carry in, carry out) value ids
 
     def producer(self) -> dict[int, int]:
         return {v: n.id for n in self.nodes for v in n.outputs}
@@ -93,6 +144,15 @@ class _Builder:
     def __init__(self) -> None:
         self.values: list[ValueInfo] = []
         self.nodes: list[Node] = []
+        self.loops: list[Loop | None] = []
+        self.value_ties: list[tuple[int, int]] = []
+
+    def node(self, primitive, params, ins, outs, weight, region, boundary=-1) -> int:
+        n = Node(
+            len(self.nodes), primitive, params, tuple(ins), tuple(outs), weight, region, boundary
+        )
+        self.nodes.append(n)
+        return n.id
 
     def value(self, aval: Any, name: str = "") -> int:
         self.values.append(ValueInfo(tuple(aval.shape), np.dtype(aval.dtype), name))
@@ -103,20 +163,61 @@ class _Builder:
             return Lit(atom.val, tuple(np.shape(atom.val)))
         return env[atom]
 
-    def inline(self, jaxpr: Any, env: dict, consts: list) -> list[tuple[int, Any]]:
+    def closed_consts(self, jaxpr: Any, env: dict) -> tuple[Any, list[tuple[int, Any]]]:
+        inner, inner_consts = jax_core.split_closed(jaxpr)
+        new = []
+        for cv, c in zip(inner.constvars, inner_consts, strict=True):
+            env[cv] = self.value(cv.aval, "const")
+            new.append((env[cv], c))
+        return inner, new
+
+    def scan(self, eqn, ins, env, weight: int, region: int) -> list[tuple[int, Any]]:
+        """Add a scan as boundary nodes around its body's operations."""
+        lid = len(self.loops)
+        self.loops.append(None)
+        inner_env: dict = {}
+        body, new_consts = self.closed_consts(eqn.params["jaxpr"], inner_env)
+        first_x = eqn.params["num_consts"] + eqn.params["num_carry"]
+        enter = []
+        for k, (iv, ref) in enumerate(zip(body.invars, ins, strict=True)):
+            inner_env[iv] = self.value(iv.aval)
+            kind = LOOP_SLICE if k >= first_x else LOOP_ENTER
+            enter.append(self.node(kind, {}, [ref], [inner_env[iv]], weight, region, lid))
+        inner_weight = weight * int(eqn.params["length"])
+        new_consts += self.inline(body, inner_env, inner_weight, lid)
+        n_carry = eqn.params["num_carry"]
+        outs = [self.read(inner_env, v) for v in body.outvars]
+        for k in range(n_carry):
+            cin, cout = inner_env[body.invars[eqn.params["num_consts"] + k]], outs[k]
+            if isinstance(cout, int) and cout != cin:
+                self.value_ties.append((cin, cout))
+        exits = []
+        for k, (ov, ref) in enumerate(zip(eqn.outvars, outs, strict=True)):
+            out = self.value(ov.aval)
+            if not jax_core.is_dropvar(ov):
+                env[ov] = out
+            kind = LOOP_EXIT if k < n_carry else LOOP_STACK
+            exits.append(self.node(kind, {}, [ref], [out], inner_weight, region, lid))
+        self.loops[lid] = Loop(lid, dict(eqn.params), region, tuple(enter), tuple(exits))
+        return new_consts
+
+    def inline(
+        self, jaxpr: Any, env: dict, weight: int = 1, region: int = -1
+    ) -> list[tuple[int, Any]]:
         """Add jaxpr's equations with env mapping its invars; returns new consts."""
         new_consts = []
         for eqn in jaxpr.eqns:
             ins = [self.read(env, a) for a in eqn.invars]
+            if eqn.primitive.name == "scan":
+                new_consts += self.scan(eqn, ins, env, weight, region)
+                continue
             body = jax_core.INLINE_BODY_PARAM.get(eqn.primitive.name)
             if body is not None and body in eqn.params:
-                inner, inner_consts = jax_core.split_closed(eqn.params[body])
-                inner_env = {}
-                for cv, c in zip(inner.constvars, inner_consts, strict=True):
-                    inner_env[cv] = self.value(cv.aval, "const")
-                    new_consts.append((inner_env[cv], c))
+                inner_env: dict = {}
+                inner, inner_consts = self.closed_consts(eqn.params[body], inner_env)
+                new_consts += inner_consts
                 inner_env.update(zip(inner.invars, ins, strict=True))
-                new_consts += self.inline(inner, inner_env, consts)
+                new_consts += self.inline(inner, inner_env, weight, region)
                 for ov, iv in zip(eqn.outvars, inner.outvars, strict=True):
                     env[ov] = self.read(inner_env, iv)
                 continue
@@ -124,8 +225,7 @@ class _Builder:
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if not jax_core.is_dropvar(v):
                     env[v] = o
-            node = Node(len(self.nodes), eqn.primitive, dict(eqn.params), tuple(ins), tuple(outs))
-            self.nodes.append(node)
+            self.node(eqn.primitive, dict(eqn.params), ins, outs, weight, region)
         return new_consts
 
 
@@ -166,7 +266,7 @@ def build_graph(traced: Traced) -> OpGraph:
     for cv, c in zip(jaxpr.constvars, consts, strict=True):
         env[cv] = b.value(cv.aval, "const")
         const_vals.append((env[cv], c))
-    const_vals += b.inline(jaxpr, env, consts)
+    const_vals += b.inline(jaxpr, env)
     outputs = tuple(b.read(env, v) for v in jaxpr.outvars)
     return OpGraph(
         tuple(b.values),
@@ -176,4 +276,6 @@ def build_graph(traced: Traced) -> OpGraph:
         outputs,
         state_ties(traced),
         traced,
+        tuple(b.loops),
+        tuple(b.value_ties),
     )

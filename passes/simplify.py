@@ -132,7 +132,10 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
     edges = []
     for u, strategies in enumerate(problem.units):
         root, fol = problem.root_of[u], problem.follow[u]
-        costs[node[root]] += np.array([strategies[k].cost for k in fol])
+        # an operation inside a loop body (and the resharding of its operands) is paid
+        # once per iteration
+        weight = 1 if u < n_in else g.nodes[u - n_in].weight
+        costs[node[root]] += weight * np.array([strategies[k].cost for k in fol])
         if u < n_in:
             continue
         for pos, v in enumerate(g.nodes[u - n_in].inputs):
@@ -143,16 +146,21 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
             have = [problem.spec_of(v, j) for j in range(len(problem.units[src_root]))]
             want = [strategies[k].in_specs[pos] for k in fol]
             if src_root == root:
-                costs[node[root]] += np.array(
+                costs[node[root]] += weight * np.array(
                     [rtime(a, b, nbytes) for a, b in zip(have, want, strict=True)]
                 )
                 continue
             edge = _edge(
-                node[src_root], node[root], have, want, functools.partial(_sized, rtime, nbytes)
+                node[src_root],
+                node[root],
+                have,
+                want,
+                functools.partial(_sized, rtime, nbytes, weight),
             )
             if edge is not None:
                 edges.append(edge)
-    ties = [_tie(problem, node, i, o) for i, o in g.ties]
+    pairs = [(g.inputs[i], g.outputs[o]) for i, o in g.ties] + list(g.value_ties)
+    ties = [_tie(problem, node, vi, vo) for vi, vo in pairs]
     return SolverRequest(
         tuple(costs),
         tuple(edges),
@@ -181,8 +189,8 @@ def _fused_latencies(problem: Problem, node) -> tuple[SharedCost, ...]:
     )
 
 
-def _sized(rtime, nbytes, a, b) -> float:
-    return rtime(a, b, nbytes)
+def _sized(rtime, nbytes, weight, a, b) -> float:
+    return weight * rtime(a, b, nbytes)
 
 
 def _classes(specs):
@@ -203,9 +211,8 @@ def _edge(u, v, have, want, cost_fn) -> Edge | None:
     return Edge(u, v, row_of.ravel()[uc], col_of.ravel()[vc], cost)
 
 
-def _tie(problem: Problem, node, in_idx: int, out_idx: int) -> Tie | None:
-    g = problem.graph
-    vi, vo = g.inputs[in_idx], g.outputs[out_idx]
+def _tie(problem: Problem, node, vi: int, vo) -> Tie | None:
+    """Values vi and vo take the same layout (state in and out, a loop carry)."""
     if isinstance(vo, Lit) or vo == vi:
         return None
     ri, ro = (problem.root_of[problem.value_src[v][0]] for v in (vi, vo))

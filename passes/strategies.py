@@ -22,7 +22,7 @@ from autoshard.cost_model.resharding import Spec, per_device_bytes
 from autoshard.passes.graph import Lit, OpGraph
 from autoshard.passes.rules import REDUCE, FactorMap, OpView, factor_map
 from autoshard.passes.rules.core import Builder
-from autoshard.passes.rules.families import CONTRACTIONS, FUSIBLE
+from autoshard.passes.rules.families import BOUNDARY, CONTRACTIONS, FUSIBLE
 
 _SHORT = {coll.ALL_REDUCE: "AR", coll.REDUCE_SCATTER: "RS"}
 
@@ -64,6 +64,8 @@ def op_flops(primitive: str, fmap: FactorMap, out_shapes) -> float:
     """Work of one operation: 2*prod(factors) for contractions, else one per element."""
     if primitive in CONTRACTIONS:
         return 2.0 * math.prod(f.size for f in fmap.factors)
+    if primitive in BOUNDARY:
+        return 0.0
     return float(max((math.prod(s) for s in out_shapes), default=0))
 
 

@@ -4,13 +4,21 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from util import ADAM_ATOL, assert_close, run_both
+from util import ADAM_ATOL, assert_close, compiled_vs_predicted, run_both, spec_of
 
+import autoshard
+from autoshard.cost_model import collectives as coll
+from autoshard.cost_model.hardware import MeshDesc
 from autoshard.models import gpt, mlp
 from autoshard.passes.graph import Lit, build_graph
 from autoshard.passes.trace import trace
 
 MESHES = [(8,), (2, 4), (2, 2, 2), None]
+MESH8 = MeshDesc((8,), ("x",))
+# CPU-like numbers; XLA's CPU backend does not form reduce-scatters.
+CPU = autoshard.Hardware(
+    flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +102,60 @@ def test_control_flow_and_calls_run_correctly(mesh):
     batch = {"x": jax.random.normal(k3, (32, 16))}
     out, ref, step = run_both(control_flow_step, params, batch, mesh=mesh)
     assert_close(out, ref, atol=2e-6)
-    # the loops stay whole, and each carry keeps one layout in and out
+    # the scan is planned through its body and the while loop stays whole; each carry
+    # keeps one layout in and out
     graph = build_graph(trace(control_flow_step, (params, batch)))
     layout = step.plan(params, batch).layout
-    loops = [n for n in graph.nodes if n.name in ("scan", "while")]
-    assert {n.name for n in loops} == {"scan", "while"}
     assert any(n.name == "cond" for n in graph.nodes)
-    for n in loops:
-        first = (
-            n.params["num_consts"]
-            if n.name == "scan"
-            else (n.params["cond_nconsts"] + n.params["body_nconsts"])
-        )
-        carry = n.params["num_carry"] if n.name == "scan" else len(n.outputs)
-        for pos, v in enumerate(n.outputs[:carry]):
+    assert {n.name for n in graph.nodes if n.region >= 0} >= {"dot_general", "tanh"}
+    assert graph.loops and all(n.name != "scan" for n in graph.nodes)
+    for loop in graph.loops:
+        carry_in = [graph.nodes[i].outputs[0] for i in loop.enter]
+        carry_in = carry_in[loop.num_consts : loop.num_consts + loop.num_carry]
+        carry_out = [graph.nodes[i].inputs[0] for i in loop.exit[: loop.num_carry]]
+        for vi, vo in zip(carry_in, carry_out, strict=True):
+            if not isinstance(vo, Lit):
+                assert layout.value_specs[vi] == layout.value_specs[vo]
+    whiles = [n for n in graph.nodes if n.name == "while"]
+    assert whiles
+    for n in whiles:
+        first = n.params["cond_nconsts"] + n.params["body_nconsts"]
+        for pos, v in enumerate(n.outputs):
             if not isinstance(n.inputs[first + pos], Lit):  # a literal counter has no layout
                 assert layout.operand_specs[n.id][first + pos] == layout.value_specs[v]
+
+
+def scanned_mlp_step(params, batch):
+    """Residual MLP layers stacked on a leading axis and run by lax.scan, trained by SGD."""
+
+    def loss_fn(p):
+        def layer(h, w):
+            return h + jnp.tanh(h @ w["w1"]) @ w["w2"], None
+
+        h, _ = jax.lax.scan(layer, batch["x"], p)
+        return jnp.mean(h**2)
+
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, g), loss
+
+
+def test_scan_is_planned_through_its_body():
+    """Wide stacked layers at a small batch: Megatron inside the loop body, the stacked
+    weights split on their hidden dimension (never on the layer axis), one all-reduce
+    per body (forward and backward) in the compiled program."""
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    params = {
+        "w1": jax.random.normal(k1, (4, 64, 2048)) / 8,
+        "w2": jax.random.normal(k2, (4, 2048, 64)) / 40,
+    }
+    batch = {"x": jax.random.normal(k3, (8, 64))}
+    out, ref, step = run_both(scanned_mlp_step, params, batch, mesh=(8,), hardware=CPU)
+    assert_close(out, ref, atol=1e-5)
+    plan = step.plan(params, batch)
+    assert spec_of(plan, "['w1']") == (None, None, "x")
+    assert spec_of(plan, "['w2']") == (None, "x")
+    compiled, predicted = compiled_vs_predicted(step, params, batch)
+    assert compiled == predicted == {"all-reduce": (2, 2 * 8 * 64 * 4)}
+    # each body all-reduce runs once per layer: the estimate counts all of them
+    one = coll.total_time([coll.Collective(coll.ALL_REDUCE, (0,), 8 * 64 * 4)], MESH8, CPU)
+    assert plan.cost.comm_time == pytest.approx(2 * 4 * one, rel=1e-6)

@@ -1,9 +1,15 @@
-"""Loops and branches: a loop carry keeps one sharding (in == out); loop constants,
-scanned slices and branch results stay whole (the documented conservative choice)."""
+"""Loops and branches.
+
+A scan is planned through its body (see passes/graph.py); its boundary operations pass
+layouts across: `loop_enter`/`loop_exit` keep every dimension, `loop_slice` drops the
+scanned (leading) dimension and `loop_stack` adds it, whole. A `while` loop or a scan
+kept as one operation shares one sharding per carry (in == out) and keeps constants
+and scanned slices whole, as do `cond`'s operands and results (the documented
+conservative choice)."""
 
 from __future__ import annotations
 
-from autoshard.passes.rules.core import Builder, FactorMap, OpView, register
+from autoshard.passes.rules.core import FIXED, Builder, FactorMap, OpView, register
 
 
 def _carry_rule(first_carry, num_carry):
@@ -30,3 +36,26 @@ def cond(op: OpView) -> FactorMap:
     return b.build(
         [b.fixed_dims(s) for s in op.in_shapes], [b.fixed_dims(s) for s in op.out_shapes]
     )
+
+
+@register("loop_enter", "loop_exit")
+def loop_pass(op: OpView) -> FactorMap:
+    b = Builder()
+    dims = tuple((b.new(d),) for d in op.out_shapes[0])
+    return b.build([dims], [dims])
+
+
+@register("loop_slice")
+def loop_slice(op: OpView) -> FactorMap:
+    b = Builder()
+    length = b.new(op.in_shapes[0][0], FIXED)
+    dims = tuple((b.new(d),) for d in op.out_shapes[0])
+    return b.build([((length,), *dims)], [dims])
+
+
+@register("loop_stack")
+def loop_stack(op: OpView) -> FactorMap:
+    b = Builder()
+    length = b.new(op.out_shapes[0][0], FIXED)
+    dims = tuple((b.new(d),) for d in op.in_shapes[0])
+    return b.build([dims], [((length,), *dims)])

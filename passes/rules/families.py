@@ -12,7 +12,9 @@ LAYOUT = frozenset(
     {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "iota", "slice"}
     | {"concatenate", "pad", "rev"}
 )
-FUSIBLE = ELEMENTWISE | LAYOUT
+# A scan's boundary operations (passes/graph.py): no work, no memory traffic.
+BOUNDARY = frozenset({"loop_enter", "loop_slice", "loop_stack", "loop_exit"})
+FUSIBLE = ELEMENTWISE | LAYOUT | BOUNDARY
 # Never merged into the producer of one operand: their layout is a choice of its own.
 DECISIONS = (
     CONTRACTIONS
