@@ -361,15 +361,16 @@ def test_iota():
 
 def test_gather_embedding_lookup():
     fm = fmap_of("gather", lambda t, i: jnp.take(t, i, axis=0), f32(32, 16), i32(4, 8))
-    # table [V, D], indices [B, S, 1] -> [B, S, D]
-    assert render(fm) == "ab,cde->cdb fixed=ae"
+    # table [V, D], indices [B, S, 1] -> [B, S, D]; a split V looks up local rows
+    # (zero elsewhere) and sums: the vocabulary-parallel embedding
+    assert render(fm) == "ab,cde->cdb reduce=a fixed=e"
     assert fm.factors[_factor(fm, "a")].size == 32
-    assert splittable(fm) == "bcd"
+    assert splittable(fm) == "abcd"
 
 
 def test_gather_along_axis1():
     fm = fmap_of("gather", lambda t, i: jnp.take(t, i, axis=1), f32(16, 32), i32(4))
-    assert render(fm) == "ab,cd->ac fixed=bd"
+    assert render(fm) == "ab,cd->ac reduce=b fixed=d"
 
 
 def test_gather_with_batching_dims():
@@ -386,13 +387,14 @@ def _take_grad(t, i):
 def test_scatter_add_from_take_grad():
     fm = fmap_of("scatter-add", _take_grad, f32(32, 16), i32(4, 8))
     # operand [V, D], indices [B, S, 1], updates [B, S, D] -> [V, D]
-    assert render(fm) == "ab,cde,cdb->ab reduce=cd fixed=ae"
-    assert splittable(fm) == "bcd"
+    # each device adds the rows it holds (a vocabulary-parallel embedding's gradient)
+    assert render(fm) == "ab,cde,cdb->ab reduce=cd fixed=e"
+    assert splittable(fm) == "abcd"
 
 
 def test_scatter_add_with_batching_dims_has_no_unused_factor():
     fm = fmap_of("scatter-add", jax.vmap(lambda t, i: t.at[i].add(1.0)), f32(4, 32, 16), i32(4))
-    assert render(fm) == "abc,ad,ac->abc fixed=bd"
+    assert render(fm) == "abc,ad,ac->abc fixed=d"
 
 
 def test_scatter_is_fixed_on_scattered_dims():

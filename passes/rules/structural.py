@@ -180,7 +180,9 @@ def gather(op: OpView) -> FactorMap:
     """operand[V, D] indexed by indices[B, S, 1] -> [B, S, D] (an embedding lookup).
 
     Index batch dims pass to the output; whole-slice operand dims pass to the output's
-    offset dims; indexed operand dims stay whole."""
+    offset dims. The one indexed operand dim of a row lookup (slice size 1) may be split:
+    each device looks up the rows it holds, zero elsewhere, and the results are summed
+    (a vocabulary-parallel embedding). Other indexed operand dims stay whole."""
     dn = op.params["dimension_numbers"]
     opnd, idx = op.in_shapes[0], op.in_shapes[1]
     out = op.out_shapes[0]
@@ -201,8 +203,21 @@ def gather(op: OpView) -> FactorMap:
             out_dims[od] = (b.new(out[od], FIXED),)
     batch = iter(idx_dims[:-1])
     out_dims = [d if d is not None else next(batch) for d in out_dims]
-    opnd_dims = [d if d is not None else (b.new(opnd[i], FIXED),) for i, d in enumerate(opnd_dims)]
+    rows = _row_lookup_dim(dn.start_index_map, dn.collapsed_slice_dims, sizes)
+    opnd_dims = [
+        d if d is not None else (b.new(opnd[i], REDUCE if i == rows else FIXED),)
+        for i, d in enumerate(opnd_dims)
+    ]
     return b.build([tuple(opnd_dims), tuple(idx_dims)], [tuple(out_dims)])
+
+
+def _row_lookup_dim(index_map, collapsed, sizes=None) -> int | None:
+    """The operand dim of a lookup by one index into one collapsed dim (of slice size 1:
+    collapsed gather dims and inserted scatter dims are size 1 by definition)."""
+    if len(index_map) == 1 and index_map[0] in collapsed:
+        if sizes is None or sizes[index_map[0]] == 1:
+            return index_map[0]
+    return None
 
 
 def _scatter(kind: str):
@@ -231,7 +246,13 @@ def _scatter(kind: str):
                 upd_dims[ud] = (b.new(upd[ud], FIXED),)
         scatter = iter(idx_dims[:-1])
         upd_dims = [d if d is not None else next(scatter) for d in upd_dims]
-        opnd_dims = [d or (b.new(opnd[i], FIXED),) for i, d in enumerate(opnd_dims)]
+        # scatter-add into rows by one index (an embedding's gradient): each device adds
+        # the rows it holds and drops the rest
+        rows = _row_lookup_dim(dn.scatter_dims_to_operand_dims, dn.inserted_window_dims)
+        rows = rows if kind == REDUCE and rows is not None else None
+        opnd_dims = [
+            d or (b.new(opnd[i], PASS if i == rows else FIXED),) for i, d in enumerate(opnd_dims)
+        ]
         ins = [tuple(opnd_dims), tuple(idx_dims), tuple(upd_dims)]
         return b.build(ins, [tuple(opnd_dims)])
 
