@@ -8,12 +8,14 @@ from autoshard.api import Parallelized, parallelize
 from autoshard.cost_model.hardware import PRESETS, Hardware
 from autoshard.hlo import Collective, collectives, parse_collectives
 from autoshard.plan import Cost, Plan, SolverStats
+from autoshard.search import MemoryBudgetError
 
 __all__ = [
     "PRESETS",
     "Collective",
     "Cost",
     "Hardware",
+    "MemoryBudgetError",
     "Parallelized",
     "Plan",
     "SolverStats",

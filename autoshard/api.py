@@ -18,12 +18,23 @@ from autoshard.passes.graph import build_graph
 from autoshard.passes.trace import trace
 from autoshard.plan import Cost, Entry, Plan, SolverStats
 
+# Fraction of device memory a default budget leaves free for what the memory model does
+# not see: XLA's own buffers, the compiled program, fragmentation.
+MEMORY_HEADROOM = 0.1
+
 
 class Parallelized:
     """A step wrapped by `parallelize`; call it like the original step."""
 
     def __init__(
-        self, fn, mesh=None, hardware=None, donate_argnums=(), time_limit=60.0, devices=None
+        self,
+        fn,
+        mesh=None,
+        hardware=None,
+        donate_argnums=(),
+        time_limit=60.0,
+        devices=None,
+        memory_budget=None,
     ):
         functools.update_wrapper(self, fn)
         self.fn = fn
@@ -38,6 +49,12 @@ class Parallelized:
             (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
         )
         self.time_limit = time_limit
+        if memory_budget is not None and not memory_budget > 0:
+            raise ValueError(
+                f"autoshard: memory_budget={memory_budget!r} must be a positive number of bytes "
+                "per device (or None for the hardware's memory less headroom)."
+            )
+        self.memory_budget = memory_budget
         self._cache: dict = {}
         self.trace_count = 0
         self.solve_count = 0
@@ -66,7 +83,11 @@ class Parallelized:
         self.trace_count += 1
         graph = build_graph(traced)
         meshes = candidate_meshes(self.mesh, self.devices, self.hardware)
-        mp, tried = _search.search(graph, meshes, self.hardware, self.time_limit)
+        donated = _donated_leaves(traced, self.donate_argnums)
+        budget = self.memory_budget
+        if budget is None:
+            budget = self.hardware.memory * (1 - MEMORY_HEADROOM)
+        mp, tried = _search.search(graph, meshes, self.hardware, self.time_limit, budget, donated)
         self.solve_count += 1
         plan = _make_plan(mp, graph, tried, time.perf_counter() - t0)
         run = interpreter(graph, plan.layout, plan.mesh)
@@ -102,6 +123,15 @@ class Parallelized:
         return self._entry(args)[1](*args)
 
 
+def _donated_leaves(traced, donate_argnums) -> frozenset[int]:
+    """Flat input indices of the leaves of the donated arguments."""
+    counts = [t.num_leaves for t in traced.in_tree.children()]
+    starts = np.cumsum([0, *counts])
+    return frozenset(
+        i for a in donate_argnums if a < len(counts) for i in range(starts[a], starts[a + 1])
+    )
+
+
 def _is_p(x) -> bool:
     return isinstance(x, jax.sharding.PartitionSpec)
 
@@ -128,7 +158,7 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time) -> Plan:
         collectives[c.kind] = (n0 + 1, b0 + c.nbytes)
         comm_bytes[c.kind] = comm_bytes.get(c.kind, 0.0) + c.nbytes
     compute, comm = _search.times(mp, combined)
-    memory = _search.memory(mp, layout)
+    memory = mp.memory()
     cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, memory)
     r = mp.result
     stats = SolverStats(
@@ -165,6 +195,7 @@ def parallelize(
     donate_argnums=(),
     time_limit: float = 60.0,
     devices=None,
+    memory_budget: float | None = None,
 ) -> Any:
     """Run a single-device training step sharded over all visible devices.
 
@@ -180,6 +211,14 @@ def parallelize(
       donate_argnums: arguments whose buffers the step may reuse (e.g. 0 for state).
       time_limit: seconds the ILP solver may spend per mesh before its best answer.
       devices: devices to use (default `jax.devices()`).
+      memory_budget: bytes per device no plan may exceed (arguments, outputs that do
+        not reuse a donated buffer, and the peak of live intermediates, as
+        `plan.cost.memory["total"]` reports it). Default: the hardware's memory less
+        `MEMORY_HEADROOM` (10%) for what the model does not see (XLA's own buffers,
+        fragmentation). Under a tight budget the plan splits parameters and
+        optimizer state over the data axis (ZeRO/FSDP); if no plan fits,
+        `autoshard.MemoryBudgetError` names the least memory reachable and what
+        dominates it.
 
     Returns:
       A callable with `.plan(*args)` and `.lower(*args)`.
@@ -201,5 +240,6 @@ def parallelize(
             donate_argnums=donate_argnums,
             time_limit=time_limit,
             devices=devices,
+            memory_budget=memory_budget,
         )
-    return Parallelized(fn, mesh, hardware, donate_argnums, time_limit, devices)
+    return Parallelized(fn, mesh, hardware, donate_argnums, time_limit, devices, memory_budget)

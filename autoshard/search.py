@@ -6,14 +6,15 @@ import math
 from dataclasses import dataclass, replace
 
 import jax
+import numpy as np
 
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.hardware import Hardware, MeshDesc
-from autoshard.cost_model.ilp import SolverResult, solve
-from autoshard.cost_model.memory import live_peak
-from autoshard.cost_model.resharding import per_device_bytes, reshard
+from autoshard.cost_model.ilp import SolverRequest, SolverResult, min_memory, solve
+from autoshard.cost_model.resharding import reshard
 from autoshard.passes.annotate import Layout, partition_spec
 from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
+from autoshard.passes.liveness import Liveness
 from autoshard.passes.simplify import Problem, build_request, decode, merge_followers
 from autoshard.passes.strategies import enumerate_strategies, op_info, source_strategies
 
@@ -29,16 +30,17 @@ class MeshPlan:
     problem: Problem
     result: SolverResult
     picks: tuple[int, ...]  # strategy index per unit
+    liveness: Liveness
+    request: SolverRequest | None = None  # with memory rows, when a budget was applied
 
     def layout(self) -> Layout:
-        p, g = self.problem, self.problem.graph
-        specs: list = [None] * len(g.values)
-        for v, (u, k) in p.value_src.items():
-            specs[v] = p.units[u][self.picks[u]].out_specs[k]
-        ops = tuple(
-            p.units[p.node_unit(n.id)][self.picks[p.node_unit(n.id)]].in_specs for n in g.nodes
-        )
-        return Layout(tuple(specs), ops)
+        p = self.problem
+        return Layout(tuple(value_specs(p, self.picks)), tuple(operand_specs(p, self.picks)))
+
+    def memory(self) -> dict[str, float]:
+        """Predicted per-device bytes: arguments, outputs, activations_peak, total."""
+        layout = self.layout()
+        return self.liveness.report(layout.value_specs, layout.operand_specs)
 
 
 def candidate_shapes(
@@ -60,9 +62,36 @@ def candidate_shapes(
     return [s for s in shapes if ndim is None or len(s) == ndim]
 
 
+# Cutting-plane rounds: each adds the point where the last plan's memory peaked.
+MEMORY_ROUNDS = 8
+
+
+def value_specs(problem: Problem, picks) -> list:
+    """Every value's spec when each unit takes its strategy in picks."""
+    specs: list = [None] * len(problem.graph.values)
+    for v, (u, k) in problem.value_src.items():
+        specs[v] = problem.units[u][picks[u]].out_specs[k]
+    return specs
+
+
+def operand_specs(problem: Problem, picks) -> list:
+    """Every operation's operand specs when each unit takes its strategy in picks."""
+    return [
+        problem.units[problem.node_unit(n.id)][picks[problem.node_unit(n.id)]].in_specs
+        for n in problem.graph.nodes
+    ]
+
+
 def solve_on_mesh(
-    graph: OpGraph, mesh: jax.sharding.Mesh, hw: Hardware, time_limit: float
+    graph: OpGraph,
+    mesh: jax.sharding.Mesh,
+    hw: Hardware,
+    time_limit: float,
+    budget: float | None = None,
+    donated: frozenset[int] = frozenset(),
 ) -> MeshPlan:
+    """The cheapest plan on one mesh; with a budget, the cheapest whose per-device
+    memory stays within it (result status "infeasible" if none does)."""
     desc = MeshDesc(tuple(mesh.devices.shape), tuple(mesh.axis_names))
     units = [
         source_strategies(graph.values[v].shape, graph.values[v].nbytes, desc, hw)
@@ -76,8 +105,57 @@ def solve_on_mesh(
         for n in graph.nodes
     ]
     problem = merge_followers(graph, units, desc, hw)
-    result = solve(build_request(problem, time_limit))
-    return MeshPlan(mesh, problem, result, decode(problem, result.choice))
+    request = build_request(problem, time_limit)
+    live = Liveness(problem, donated)
+    replicated = decode(problem, [0] * len(problem.roots))
+    args, prof = live.profile(value_specs(problem, replicated))
+    if budget is None or args + prof.max(initial=0.0) <= budget:
+        # no plan needs more memory than the replicated one: the budget cannot bind
+        result = solve(request)
+        return MeshPlan(mesh, problem, result, decode(problem, result.choice), live)
+    node_of_root = {r: i for i, r in enumerate(problem.roots)}
+    points = [int(t) for t in np.argsort(prof)[-4:]]
+    target = budget
+    for _ in range(MEMORY_ROUNDS):
+        rows = tuple(live.row(t, node_of_root) for t in points)
+        req = replace(request, memory=rows, memory_budget=target)
+        result = solve(req)
+        picks = decode(problem, result.choice)
+        if result.status == "infeasible":
+            break
+        specs = value_specs(problem, picks)
+        args, prof = live.profile(specs)
+        _, full = live.profile(specs, operand_specs(problem, picks))
+        if args + full.max() <= budget * (1 + 1e-6):
+            break
+        t = int(np.argmax(prof))
+        if args + prof[t] > target * (1 + 1e-6):
+            points.append(t)  # a point the rows did not cover
+        else:
+            # resharded copies (not linear in the choices) pushed it over: aim lower
+            target -= args + full.max() - budget
+            points.append(int(np.argmax(full)))
+    else:
+        result = replace(result, status="infeasible")
+    return MeshPlan(mesh, problem, result, picks, live, req)
+
+
+def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str]]]:
+    """The least per-device memory any plan on mp's mesh reaches, and what is alive
+    at its peak: (bytes, description), largest first."""
+    problem, live = mp.problem, mp.liveness
+    node_of_root = {r: i for i, r in enumerate(problem.roots)}
+    points = [int(t) for t in np.argsort(live.profile(value_specs(problem, mp.picks))[1])[-4:]]
+    for _ in range(MEMORY_ROUNDS):
+        rows = tuple(live.row(t, node_of_root) for t in points)
+        choice, _ = min_memory(replace(mp.request, memory=rows))
+        specs = value_specs(problem, decode(problem, choice))
+        args, prof = live.profile(specs)
+        t = int(np.argmax(prof))
+        if t in points:
+            break
+        points.append(t)
+    return args + float(prof[t]), live.alive_at(t, specs)
 
 
 def predicted_collectives(mp: MeshPlan, layout: Layout) -> list[tuple[int, coll.Collective]]:
@@ -97,22 +175,6 @@ def predicted_collectives(mp: MeshPlan, layout: Layout) -> list[tuple[int, coll.
     return out
 
 
-def memory(mp: MeshPlan, layout: Layout) -> dict[str, float]:
-    p, g = mp.problem, mp.problem.graph
-    specs = layout.value_specs
-    per_dev = [
-        per_device_bytes(v.nbytes, s, p.mesh) if s is not None else v.nbytes
-        for v, s in zip(g.values, specs, strict=True)
-    ]
-    args = sum(per_dev[v] for v in g.inputs)
-    outs = [r for r in g.outputs if not isinstance(r, Lit)]
-    produced = [n.outputs for n in g.nodes]
-    consumed = [[r for r in n.inputs if not isinstance(r, Lit)] for n in g.nodes]
-    peak = live_peak(produced, consumed, per_dev, set(outs))
-    out_bytes = sum(per_dev[v] for v in outs)
-    return {"arguments": args, "outputs": out_bytes, "activations_peak": peak, "total": args + peak}
-
-
 def make_mesh(shape, names, devices) -> jax.sharding.Mesh:
     devs = devices[: math.prod(shape)]
     return jax.make_mesh(
@@ -120,17 +182,53 @@ def make_mesh(shape, names, devices) -> jax.sharding.Mesh:
     )
 
 
+class MemoryBudgetError(ValueError):
+    """No plan on any candidate mesh fits the per-device memory budget."""
+
+
 def search(
-    graph: OpGraph, meshes, hw: Hardware, time_limit: float
+    graph: OpGraph,
+    meshes,
+    hw: Hardware,
+    time_limit: float,
+    budget: float | None = None,
+    donated: frozenset[int] = frozenset(),
 ) -> tuple[MeshPlan, dict[str, float]]:
-    """Solve on every mesh; the cheapest wins, the earlier (smaller) one on ties."""
-    best, tried = None, {}
+    """Solve on every mesh; the cheapest plan within the budget wins, the earlier
+    (smaller) mesh on ties. Raises MemoryBudgetError if no mesh has one."""
+    best, tried, over = None, {}, []
     for mesh in meshes:
-        mp = solve_on_mesh(graph, mesh, hw, time_limit)
+        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated)
+        if mp.result.status == "infeasible":
+            over.append(mp)
+            continue
         tried[str(tuple(mesh.devices.shape))] = mp.result.objective
         if best is None or mp.result.objective < best.result.objective * (1 - MESH_TIE_BREAK):
             best = mp
+    if best is None:
+        raise MemoryBudgetError(_over_budget_message(over, budget))
     return best, tried
+
+
+def _over_budget_message(over: list[MeshPlan], budget: float) -> str:
+    least = [(least_memory(mp), mp) for mp in over]
+    (need, alive), mp = min(least, key=lambda x: x[0][0])
+    top = "; ".join(f"{what}: {_size(b)}" for b, what in alive[:3])
+    n = mp.mesh.devices.size
+    return (
+        f"autoshard: no plan fits memory_budget={_size(budget)} per device on {n} devices. "
+        f"The least any plan reaches is {_size(need)} per device (mesh "
+        f"{tuple(mp.mesh.devices.shape)}); at its peak the largest are {top}. Raise "
+        "memory_budget (or Hardware(memory=...)), use more devices, or shrink the model or "
+        "batch."
+    )
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def specs_of(values, layout: Layout, names):

@@ -48,19 +48,33 @@ class SharedCost:
 
 
 @dataclass(frozen=True)
+class MemoryRow:
+    """Per-device bytes alive at one point of the step, linear in the choices:
+    `const` plus, for each (node, bytes), the chosen strategy's entry of bytes."""
+
+    terms: tuple[tuple[int, np.ndarray], ...]
+    const: float = 0.0
+
+    def value(self, choice) -> float:
+        return self.const + sum(float(b[choice[n]]) for n, b in self.terms)
+
+
+@dataclass(frozen=True)
 class SolverRequest:
     node_costs: tuple[np.ndarray, ...]
     edges: tuple[Edge, ...] = ()
     ties: tuple[Tie, ...] = ()
     time_limit: float = 60.0
     shared: tuple[SharedCost, ...] = ()
+    memory: tuple[MemoryRow, ...] = ()  # each must stay within memory_budget
+    memory_budget: float | None = None
 
 
 @dataclass(frozen=True)
 class SolverResult:
     choice: tuple[int, ...]
     objective: float
-    status: str  # "optimal" | "time_limit" | "fallback"
+    status: str  # "optimal" | "time_limit" | "fallback" | "infeasible"
     solve_time: float
     num_variables: int
     num_constraints: int
@@ -84,6 +98,10 @@ def evaluate(request: SolverRequest, choice) -> tuple[float, list[str]]:
     for t in request.ties:
         if t.u_class[choice[t.u]] != t.v_class[choice[t.v]]:
             bad.append(f"tie {t.u}-{t.v}: classes differ")
+    if request.memory_budget is not None:
+        for k, row in enumerate(request.memory):
+            if row.value(choice) > request.memory_budget * (1 + 1e-9):
+                bad.append(f"memory row {k}: {row.value(choice):.0f} > {request.memory_budget:.0f}")
     return obj, bad
 
 
@@ -102,10 +120,33 @@ class _Rows:
         self.rhs.append(rhs)
         self.is_ineq.append(False)
 
-    def ineq(self, cols, vals) -> None:
-        """sum(vals * x[cols]) <= 0."""
-        self.add(cols, vals, 0.0)
+    def ineq(self, cols, vals, rhs: float = 0.0) -> None:
+        """sum(vals * x[cols]) <= rhs."""
+        self.add(cols, vals, rhs)
         self.is_ineq[-1] = True
+
+    def ties(self, request: SolverRequest, offs) -> None:
+        """Per tie and class: (u picks that class) == (v picks that class)."""
+        for t in request.ties:
+            for k in np.union1d(t.u_class, t.v_class):
+                coef: dict[int, float] = {}
+                for j in offs[t.u] + np.flatnonzero(t.u_class == k):
+                    coef[int(j)] = coef.get(int(j), 0.0) + 1.0
+                for j in offs[t.v] + np.flatnonzero(t.v_class == k):
+                    coef[int(j)] = coef.get(int(j), 0.0) - 1.0
+                self.add(list(coef), list(coef.values()), 0)
+
+    def memory(self, request: SolverRequest, offs, extra: int | None = None) -> None:
+        """Each memory row <= the budget, or (extra given) <= the variable x[extra]."""
+        for row in request.memory:
+            cols, vals = [], []
+            for n, b in row.terms:
+                cols += list(offs[n] + np.arange(len(b)))
+                vals += list(np.asarray(b, float))
+            if extra is None:
+                self.ineq(cols, vals, request.memory_budget - row.const)
+            else:
+                self.ineq([*cols, extra], [*vals, -1.0], -row.const)
 
 
 def solve(request: SolverRequest) -> SolverResult:
@@ -136,16 +177,9 @@ def solve(request: SolverRequest) -> SolverResult:
             rows.add(
                 [base + a * nc + b for a in range(nr)] + list(vs), [1.0] * nr + [-1.0] * len(vs), 0
             )
-    for t in request.ties:
-        for k in np.union1d(t.u_class, t.v_class):
-            us = list(offs[t.u] + np.flatnonzero(t.u_class == k))
-            vs = list(offs[t.v] + np.flatnonzero(t.v_class == k))
-            coef: dict[int, float] = {}
-            for j in us:
-                coef[j] = coef.get(j, 0.0) + 1.0
-            for j in vs:
-                coef[j] = coef.get(j, 0.0) - 1.0
-            rows.add(list(coef), list(coef.values()), 0)
+    rows.ties(request, offs)
+    if request.memory_budget is not None:
+        rows.memory(request, offs)
     for sc in request.shared:  # y >= chosen(node in members), y in [0, 1], cost * y
         y = n_var
         n_var += 1
@@ -166,7 +200,7 @@ def solve(request: SolverRequest) -> SolverResult:
     )
     if res.x is None:
         choice = tuple(0 for _ in request.node_costs)
-        status = "fallback"
+        status = "infeasible" if res.status == 2 and request.memory else "fallback"
     else:
         x = res.x[:n_s]
         choice = tuple(
@@ -175,8 +209,40 @@ def solve(request: SolverRequest) -> SolverResult:
         status = "optimal" if res.status == 0 else "time_limit"
     obj, _ = evaluate(request, choice)
     replicated = tuple(0 for _ in request.node_costs)
-    if status == "time_limit" and evaluate(request, replicated)[0] < obj:
+    rep_obj, rep_bad = evaluate(request, replicated)
+    if status == "time_limit" and rep_obj < obj and not rep_bad:
         # a time-limited incumbent can be far from optimal; never return worse than
         # the always-feasible replicated plan
-        choice, obj, status = replicated, evaluate(request, replicated)[0], "fallback"
+        choice, obj, status = replicated, rep_obj, "fallback"
     return SolverResult(choice, obj, status, time.perf_counter() - t0, n_var, len(rows.rhs))
+
+
+def min_memory(request: SolverRequest) -> tuple[tuple[int, ...], float]:
+    """The choice whose largest memory row is smallest (costs and edges ignored), and
+    that row's bytes: the least memory per device any plan reaches at these points."""
+    offs = np.cumsum([0] + [len(c) for c in request.node_costs])
+    n_s = int(offs[-1])
+    rows = _Rows()
+    for i in range(len(request.node_costs)):
+        rows.add(range(offs[i], offs[i + 1]), [1.0] * (offs[i + 1] - offs[i]), 1.0)
+    rows.ties(request, offs)
+    rows.memory(request, offs, extra=n_s)
+    a = sp.csr_array((rows.v, (rows.r, rows.c)), shape=(len(rows.rhs), n_s + 1))
+    lo = np.array(rows.rhs, float)
+    lo[rows.is_ineq] = -np.inf
+    c = np.r_[np.zeros(n_s), 1.0]
+    res = milp(
+        c,
+        constraints=LinearConstraint(a, lo, rows.rhs),
+        integrality=np.r_[np.ones(n_s), 0.0],
+        bounds=Bounds(np.r_[np.zeros(n_s), 0.0], np.r_[np.ones(n_s), np.inf]),
+        options={"time_limit": request.time_limit, "mip_rel_gap": 1e-4},
+    )
+    if res.x is None:
+        choice = tuple(0 for _ in request.node_costs)
+    else:
+        x = res.x[:n_s]
+        choice = tuple(
+            int(np.argmax(x[offs[i] : offs[i + 1]])) for i in range(len(request.node_costs))
+        )
+    return choice, max((r.value(choice) for r in request.memory), default=0.0)

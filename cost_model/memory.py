@@ -10,6 +10,7 @@ def live_peak(
     consumed: Sequence[Sequence[int]],
     nbytes: Sequence[float],
     keep: set[int],
+    materialized: set[int] | None = None,
 ) -> float:
     """Peak bytes of intermediate values alive at once, walking operations in order.
 
@@ -18,9 +19,13 @@ def live_peak(
       consumed: per operation, the value ids it reads.
       nbytes: per value id, its per-device bytes.
       keep: values alive to the end (step outputs).
+      materialized: the values that occupy memory (default all); the others are
+        fused into their readers.
 
     A value lives from the operation that makes it to its last reader.
     """
+    if materialized is not None:
+        nbytes = [b if v in materialized else 0.0 for v, b in enumerate(nbytes)]
     last = {}
     for i, vs in enumerate(consumed):
         for v in vs:
@@ -34,3 +39,35 @@ def live_peak(
         dead |= {v for v in outs if v not in last and v not in keep}
         live -= sum(nbytes[v] for v in dead if v in made)
     return peak
+
+
+def dfs_order(
+    produced: Sequence[Sequence[int]], consumed: Sequence[Sequence[int]], roots: Sequence[int]
+) -> list[int]:
+    """Operations in depth-first post-order from the values in roots (step outputs):
+    each result is computed right before its first reader needs it, so a gradient is
+    consumed by its optimizer update before the next one is computed. This is the
+    order XLA's memory-minimising DFS scheduler approximates; operations that no root
+    depends on follow in program order."""
+    maker = {v: i for i, vs in enumerate(produced) for v in vs}
+    seen: set[int] = set()
+    order: list[int] = []
+    for root in roots:
+        if root not in maker or maker[root] in seen:
+            continue
+        stack = [(maker[root], False)]
+        while stack:
+            op, expanded = stack.pop()
+            if expanded:
+                order.append(op)
+                continue
+            if op in seen:
+                continue
+            seen.add(op)
+            stack.append((op, True))
+            for v in reversed(consumed[op]):
+                p = maker.get(v)
+                if p is not None and p not in seen:
+                    stack.append((p, False))
+    order += [i for i in range(len(produced)) if i not in seen]
+    return order

@@ -15,6 +15,13 @@ LAYOUT = frozenset(
 # A scan's boundary operations (passes/graph.py): no work, no memory traffic.
 BOUNDARY = frozenset({"loop_enter", "loop_slice", "loop_stack", "loop_exit"})
 FUSIBLE = ELEMENTWISE | LAYOUT | BOUNDARY
+REDUCTIONS = frozenset(
+    {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or"}
+    | {"argmax", "argmin"}
+)
+# Operations XLA fuses their fusible producers into: a value made by a fusible operation
+# and read only by these never exists in memory.
+FUSION_CONSUMERS = FUSIBLE | REDUCTIONS
 # Never merged into the producer of one operand: their layout is a choice of its own.
 DECISIONS = (
     CONTRACTIONS

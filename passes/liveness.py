@@ -1,0 +1,161 @@
+"""Per-device memory of a plan over the step, and its linear form for the ILP.
+
+The step's operations are ordered depth-first from its outputs (each result made
+right before its first reader, as XLA's memory-minimising scheduler does), and only
+values XLA keeps in memory count (see `materialized`). At each operation the live
+bytes are the arguments, the live intermediates, and the outputs made so far that do
+not reuse a donated argument's buffer. All of these are sums of per-value bytes, and
+a value's bytes are fixed by its root unit's strategy: so each point's bytes are a
+linear function of the ILP's choices (a `MemoryRow`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from autoshard.cost_model.ilp import MemoryRow
+from autoshard.cost_model.memory import dfs_order
+from autoshard.cost_model.resharding import per_device_bytes
+from autoshard.passes.graph import Lit, OpGraph
+from autoshard.passes.rules.families import FUSIBLE, FUSION_CONSUMERS
+from autoshard.passes.simplify import Problem
+
+# Cheap producers XLA recomputes inside every fusion that reads them.
+_DUPLICATED = frozenset(
+    {"broadcast_in_dim", "iota", "reshape", "squeeze", "expand_dims", "convert_element_type"}
+)
+
+
+def materialized(graph: OpGraph) -> set[int]:
+    """Values XLA keeps in memory: results of non-fusible operations (matmuls,
+    gathers, collectives, ...), values read by one or by several operations, and step
+    outputs. A fusible operation's result read once by a fusible operation or a
+    reduction is fused away, as is a cheap broadcast or reshape however often read."""
+    consumers = graph.consumers()
+    keep = {r for r in graph.outputs if not isinstance(r, Lit)}
+    for n in graph.nodes:
+        for v in n.outputs:
+            readers = [graph.nodes[c].name for c, _ in consumers.get(v, ())]
+            shared = len(readers) > 1 and n.name not in _DUPLICATED
+            if n.name not in FUSIBLE or not set(readers) <= FUSION_CONSUMERS or shared:
+                keep.add(v)
+    return keep
+
+
+class Liveness:
+    """Which values are alive at each point of the step, for one problem.
+
+    Args:
+      problem: the merged strategy problem (gives each value's bytes per choice).
+      donated: flat indices of donated step arguments; outputs tied to them reuse
+        their buffers.
+    """
+
+    def __init__(self, problem: Problem, donated: frozenset[int] = frozenset()):
+        self.problem = problem
+        self._cache: dict[int, np.ndarray] = {}
+        g = problem.graph
+        self.args = tuple(g.inputs)
+        aliased = {g.outputs[o] for i, o in g.ties if i in donated}
+        outs = {r for r in g.outputs if not isinstance(r, Lit)} - aliased - set(g.inputs)
+        keep = materialized(g) - aliased
+        produced = [n.outputs for n in g.nodes]
+        consumed = [[r for r in n.inputs if not isinstance(r, Lit)] for n in g.nodes]
+        order = dfs_order(produced, consumed, [r for r in g.outputs if not isinstance(r, Lit)])
+        last: dict[int, int] = {}
+        for step, op in enumerate(order):
+            for v in consumed[op]:
+                last[v] = step
+        live: set[int] = set()
+        rows, cols = [], []
+        for step, op in enumerate(order):
+            live |= {v for v in produced[op] if v in keep}
+            rows += [step] * len(live)
+            cols += sorted(live)
+            dead = {v for v in consumed[op] if last.get(v) == step and v not in outs}
+            dead |= {v for v in produced[op] if v not in last and v not in outs}
+            live -= dead
+        self.outputs = frozenset(outs)
+        self.steps = len(order)
+        self.order = tuple(order)
+        data = np.ones(len(rows))
+        self.live = sp.csr_array((data, (rows, cols)), shape=(max(len(order), 1), len(g.values)))
+
+    def value_bytes(self, specs) -> np.ndarray:
+        """Per-device bytes of every value under specs (one per value)."""
+        g, mesh = self.problem.graph, self.problem.mesh
+        return np.array(
+            [
+                per_device_bytes(v.nbytes, s, mesh) if s is not None else v.nbytes
+                for v, s in zip(g.values, specs, strict=True)
+            ]
+        )
+
+    def profile(self, specs, operand_specs=None) -> tuple[float, np.ndarray]:
+        """(argument bytes, live intermediate bytes after each step). With the
+        operations' operand specs, an operand resharded for its reader adds the
+        resharded copy at that reader's step (a gathered parameter, say)."""
+        b = self.value_bytes(specs)
+        live = self.live @ b
+        if operand_specs is not None:
+            live = live + self.transients(specs, operand_specs)
+        return float(b[list(self.args)].sum()), live
+
+    def transients(self, specs, operand_specs) -> np.ndarray:
+        g, mesh = self.problem.graph, self.problem.mesh
+        extra = np.zeros(len(self.order))
+        for step, op in enumerate(self.order):
+            for r, want in zip(g.nodes[op].inputs, operand_specs[op], strict=True):
+                if not isinstance(r, Lit) and want is not None and want != specs[r]:
+                    extra[step] += per_device_bytes(g.values[r].nbytes, want, mesh)
+        return extra
+
+    def report(self, specs, operand_specs=None) -> dict[str, float]:
+        args, live = self.profile(specs, operand_specs)
+        b = self.value_bytes(specs)
+        peak = float(live.max(initial=0.0))
+        outs = float(b[list(self.outputs)].sum()) if self.outputs else 0.0
+        return {"arguments": args, "outputs": outs, "activations_peak": peak, "total": args + peak}
+
+    def row(self, step: int, node_of_root: dict[int, int]) -> MemoryRow:
+        """The bytes alive at step (arguments included) as a function of the choices."""
+        p = self.problem
+        live = self.live.indices[self.live.indptr[step] : self.live.indptr[step + 1]]
+        terms: dict[int, np.ndarray] = {}
+        for v in [*self.args, *live.tolist()]:
+            root = p.root_of[p.value_src[v][0]]
+            n = node_of_root[root]
+            terms[n] = terms.get(n, 0.0) + self._bytes_per_choice(v, root)
+        return MemoryRow(tuple(sorted(terms.items())))
+
+    def _bytes_per_choice(self, v: int, root: int) -> np.ndarray:
+        if v not in self._cache:
+            p = self.problem
+            self._cache[v] = np.array(
+                [
+                    per_device_bytes(p.graph.values[v].nbytes, p.spec_of(v, j), p.mesh)
+                    for j in range(len(p.units[root]))
+                ]
+            )
+        return self._cache[v]
+
+    def alive_at(self, step: int, specs) -> list[tuple[float, str]]:
+        """What occupies memory after step: (per-device bytes, description), largest
+        first; step arguments are named by their path, intermediates by the operation
+        that makes them."""
+        g = self.problem.graph
+        b = self.value_bytes(specs)
+        live = self.live.indices[self.live.indptr[step] : self.live.indptr[step + 1]]
+        producer = g.producer()
+        out = []
+        for v in [*self.args, *live.tolist()]:
+            info = g.values[v]
+            if v in producer:
+                what = f"intermediate {g.nodes[producer[v]].name} {list(info.shape)} {info.dtype}"
+            elif "opt_state" in info.name:
+                what = f"optimizer state {info.name}"
+            else:
+                what = f"argument {info.name}"
+            out.append((float(b[v]), what))
+        return sorted(out, key=lambda x: -x[0])
