@@ -37,9 +37,15 @@ class Hardware:
       memory_bandwidth: bytes/second between device memory and compute (roofline for
         elementwise work).
       name: a label for summaries.
-      reduce_scatter: whether the backend turns an all-reduce whose result is then split
-        into a reduce-scatter (XLA does on GPU and TPU; the CPU backend keeps the
-        all-reduce and slices, so the CPU preset says False).
+      reduce_scatter: whether plans may reduce-scatter partial sums (ZeRO-2/FSDP
+        gradients). autoshard emits the reduce-scatter of a matmul or sum itself (XLA's
+        CPU backend never forms one: it keeps the all-reduce and slices); for other
+        operations it relies on the backend, which XLA does on GPU and TPU. The CPU
+        preset says False, which keeps its strategy space small.
+      prefetch_overlap: fraction of a parameter's all-gather before a matmul that runs
+        hidden behind compute (FSDP prefetches the next layer's parameters while this
+        one computes; Zhao et al. 2023, "PyTorch FSDP"). 0 charges it in full, as on
+        the CPU backend, whose collectives are synchronous.
 
     Example:
       >>> from autoshard import Hardware
@@ -55,6 +61,7 @@ class Hardware:
     memory_bandwidth: float = 1e12
     name: str = "custom"
     reduce_scatter: bool = True
+    prefetch_overlap: float = 0.0
 
     def _per_axis(self, value, axis: int) -> float:
         if isinstance(value, tuple | list):

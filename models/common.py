@@ -107,7 +107,8 @@ def make_train_step(
     def params_loss(params: nnx.State, model_state: nnx.State | None, batch: Batch):
         if model_state is None:
             return loss_fn(nnx.merge(graphdef, params), batch), None
-        model = nnx.merge(graphdef, params, model_state)
+        # copy: BatchNorm updates its stats in place, only on Variables of this trace.
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         loss = loss_fn(model, batch)
         return loss, nnx.state(model, nnx.BatchStat)
 

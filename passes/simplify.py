@@ -21,7 +21,7 @@ from autoshard.cost_model.hardware import Hardware, MeshDesc
 from autoshard.cost_model.ilp import Edge, SharedCost, SolverRequest, Tie
 from autoshard.cost_model.resharding import reshard
 from autoshard.passes.graph import Lit, OpGraph
-from autoshard.passes.rules.families import DECISIONS, ELEMENTWISE
+from autoshard.passes.rules.families import CONTRACTIONS, DECISIONS, ELEMENTWISE
 from autoshard.passes.strategies import Strategy
 
 
@@ -54,7 +54,11 @@ class Problem:
         return self.units[u][self.follow[u][j]].out_specs[idx]
 
 
-def _followed_operand(graph: OpGraph, node) -> int | None:
+def _followed_operand(graph: OpGraph, node, weak: set[int]) -> int | None:
+    """The operand whose layout the operation takes, if it has one to follow. An
+    elementwise operation follows an operand of its own shape, preferring one that
+    is not `weak` (broadcast, or computed from constants alone: a causal mask, a
+    broadcast scale), since those cannot carry the layout of the data."""
     if node.name in DECISIONS:
         return None
     arrays = [p for p, r in enumerate(node.inputs) if not isinstance(r, Lit) and graph.shape(r)]
@@ -62,8 +66,23 @@ def _followed_operand(graph: OpGraph, node) -> int | None:
         return arrays[0]
     if node.name in ELEMENTWISE:
         out = graph.values[node.outputs[0]].shape
-        return next((p for p in arrays if graph.shape(node.inputs[p]) == out), None)
+        same = [p for p in arrays if graph.shape(node.inputs[p]) == out]
+        strong = [p for p in same if node.inputs[p] not in weak]
+        return (strong or same or [None])[0]
     return None
+
+
+def weak_values(graph: OpGraph) -> set[int]:
+    """Values made by a broadcast, or from constants and iotas alone."""
+    const = {v for v, _ in graph.consts}
+    weak = set()
+    for n in graph.nodes:
+        arrays = [r for r in n.inputs if not isinstance(r, Lit)]
+        if all(r in const for r in arrays):
+            const.update(n.outputs)
+        if n.name == "broadcast_in_dim" or all(r in const for r in arrays):
+            weak.update(n.outputs)
+    return weak
 
 
 def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Problem:
@@ -76,8 +95,9 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
     follow = [np.arange(len(s)) for s in units]
     followed = [None] * len(units)
     rtime = _reshard_time(mesh, hw)
+    weak = weak_values(graph)
     for node in graph.nodes:
-        u, pos = n_in + node.id, _followed_operand(graph, node)
+        u, pos = n_in + node.id, _followed_operand(graph, node, weak)
         if pos is None:
             continue
         v = node.inputs[pos]
@@ -129,6 +149,7 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
     node = {r: i for i, r in enumerate(problem.roots)}
     costs = [np.zeros(len(problem.units[r])) for r in problem.roots]
     n_in = len(g.inputs) + len(g.consts)
+    inputs = set(g.inputs)
     edges = []
     for u, strategies in enumerate(problem.units):
         root, fol = problem.root_of[u], problem.follow[u]
@@ -138,15 +159,19 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
         costs[node[root]] += weight * np.array([strategies[k].cost for k in fol])
         if u < n_in:
             continue
-        for pos, v in enumerate(g.nodes[u - n_in].inputs):
+        node_u = g.nodes[u - n_in]
+        for pos, v in enumerate(node_u.inputs):
             if isinstance(v, Lit):
                 continue
             nbytes = g.values[v].nbytes
+            # a parameter gathered for a matmul can be prefetched behind earlier compute
+            hidden = v in inputs and node_u.name in CONTRACTIONS
+            scale = weight * (1 - problem.hw.prefetch_overlap) if hidden else weight
             src_root = problem.root_of[problem.value_src[v][0]]
             have = [problem.spec_of(v, j) for j in range(len(problem.units[src_root]))]
             want = [strategies[k].in_specs[pos] for k in fol]
             if src_root == root:
-                costs[node[root]] += weight * np.array(
+                costs[node[root]] += scale * np.array(
                     [rtime(a, b, nbytes) for a, b in zip(have, want, strict=True)]
                 )
                 continue
@@ -155,7 +180,7 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
                 node[root],
                 have,
                 want,
-                functools.partial(_sized, rtime, nbytes, weight),
+                functools.partial(_sized, rtime, nbytes, scale),
             )
             if edge is not None:
                 edges.append(edge)

@@ -1,6 +1,6 @@
 """The rule table: one factor map per primitive (see core.py)."""
 
-from autoshard.passes.rules import contraction, control, elementwise, structural  # noqa: F401
+from autoshard.passes.rules import contraction, control, conv, elementwise, structural  # noqa: F401
 from autoshard.passes.rules.core import (
     FIXED,
     PASS,
