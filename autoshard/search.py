@@ -31,11 +31,20 @@ class MeshPlan:
     result: SolverResult
     picks: tuple[int, ...]  # strategy index per unit
     liveness: Liveness
-    request: SolverRequest | None = None  # with memory rows, when a budget was applied
+    request: SolverRequest  # with the memory rows of a budget, if one applied
 
     def layout(self) -> Layout:
         p = self.problem
-        return Layout(tuple(value_specs(p, self.picks)), tuple(operand_specs(p, self.picks)))
+        scatters = []
+        for n in p.graph.nodes:
+            u = p.node_unit(n.id)
+            st = p.units[u][self.picks[u]]
+            rs = [c for c in st.collectives if c.kind == coll.REDUCE_SCATTER]
+            dims = [d for d, ax in enumerate(st.out_specs[0]) if rs and set(rs[0].axes) <= set(ax)]
+            scatters.append((dims[0], rs[0].axes) if rs else None)
+        return Layout(
+            tuple(value_specs(p, self.picks)), tuple(operand_specs(p, self.picks)), tuple(scatters)
+        )
 
     def memory(self) -> dict[str, float]:
         """Predicted per-device bytes: arguments, outputs, activations_peak, total."""
@@ -62,8 +71,18 @@ def candidate_shapes(
     return [s for s in shapes if ndim is None or len(s) == ndim]
 
 
-# Cutting-plane rounds: each adds the point where the last plan's memory peaked.
-MEMORY_ROUNDS = 8
+# Cutting-plane rounds: each adds up to MEMORY_POINTS points where the last plan's
+# memory went over.
+MEMORY_ROUNDS = 12
+MEMORY_POINTS = 8
+# Bisection steps of the least-memory search behind MemoryBudgetError's message.
+LEAST_MEMORY_STEPS = 4
+
+
+def _new_points(profile, points, args: float, limit: float) -> list[int]:
+    """The highest steps of profile above limit (arguments included) not yet rows."""
+    over = [int(t) for t in np.argsort(-profile) if args + profile[t] > limit * (1 + 1e-6)]
+    return [t for t in over if t not in points][:MEMORY_POINTS]
 
 
 def value_specs(problem: Problem, picks) -> list:
@@ -107,55 +126,83 @@ def solve_on_mesh(
     problem = merge_followers(graph, units, desc, hw)
     request = build_request(problem, time_limit)
     live = Liveness(problem, donated)
+    result = solve(request)
+    picks = decode(problem, result.choice)
+    if budget is None or _peak(live, problem, picks) <= budget * (1 + 1e-6):
+        return MeshPlan(mesh, problem, result, picks, live, request)
+    result, picks, req = _within(problem, request, live, budget)
+    return MeshPlan(mesh, problem, result, picks, live, req)
+
+
+def _peak(live: Liveness, problem: Problem, picks) -> float:
+    """Predicted per-device memory of a plan, resharded copies included."""
+    args, full = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
+    return args + float(full.max(initial=0.0))
+
+
+def _within(problem: Problem, request: SolverRequest, live: Liveness, budget: float):
+    """(result, picks, request) of the cheapest plan within budget, by cutting planes:
+    memory rows at the steps where the last plan went over. Resharded copies are not
+    linear in the choices; when only they push a plan over, the rows aim lower."""
+    node_of_root = {r: i for i, r in enumerate(problem.roots)}
     replicated = decode(problem, [0] * len(problem.roots))
     args, prof = live.profile(value_specs(problem, replicated))
-    if budget is None or args + prof.max(initial=0.0) <= budget:
-        # no plan needs more memory than the replicated one: the budget cannot bind
-        result = solve(request)
-        return MeshPlan(mesh, problem, result, decode(problem, result.choice), live)
-    node_of_root = {r: i for i, r in enumerate(problem.roots)}
-    points = [int(t) for t in np.argsort(prof)[-4:]]
-    target = budget
+    points = _new_points(prof, [], args, budget)
+    target, low, high = budget, None, None  # low: a target found infeasible
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
         req = replace(request, memory=rows, memory_budget=target)
         result = solve(req)
         picks = decode(problem, result.choice)
         if result.status == "infeasible":
-            break
+            if high is None:
+                break  # infeasible at the budget itself
+            low, target = target, (target + high) / 2
+            continue
         specs = value_specs(problem, picks)
         args, prof = live.profile(specs)
         _, full = live.profile(specs, operand_specs(problem, picks))
         if args + full.max() <= budget * (1 + 1e-6):
-            break
-        t = int(np.argmax(prof))
-        if args + prof[t] > target * (1 + 1e-6):
-            points.append(t)  # a point the rows did not cover
-        else:
-            # resharded copies (not linear in the choices) pushed it over: aim lower
-            target -= args + full.max() - budget
-            points.append(int(np.argmax(full)))
-    else:
-        result = replace(result, status="infeasible")
-    return MeshPlan(mesh, problem, result, picks, live, req)
+            return result, picks, req
+        new = _new_points(prof, points, args, target)
+        if not new:
+            high = target
+            target = target - (args + full.max() - budget) if low is None else (low + target) / 2
+            new = _new_points(full, points, args, budget)
+        points += new
+    return replace(result, status="infeasible"), replicated, req
 
 
-def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str]]]:
-    """The least per-device memory any plan on mp's mesh reaches, and what is alive
-    at its peak: (bytes, description), largest first."""
+def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
+    """About the least per-device memory a plan on mp's mesh reaches, and what is
+    alive at its peak: (bytes, kind, what), largest first. A lower bound comes from
+    the memory rows alone; plans found under budgets bisected between it and the best
+    plan known narrow it down."""
     problem, live = mp.problem, mp.liveness
     node_of_root = {r: i for i, r in enumerate(problem.roots)}
-    points = [int(t) for t in np.argsort(live.profile(value_specs(problem, mp.picks))[1])[-4:]]
+    args, prof = live.profile(value_specs(problem, mp.picks))
+    points = _new_points(prof, [], args, 0.0)
+    free = replace(mp.request, memory=(), memory_budget=None)
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
-        choice, _ = min_memory(replace(mp.request, memory=rows))
-        specs = value_specs(problem, decode(problem, choice))
-        args, prof = live.profile(specs)
-        t = int(np.argmax(prof))
-        if t in points:
+        choice, bound = min_memory(replace(free, memory=rows))
+        args, prof = live.profile(value_specs(problem, decode(problem, choice)))
+        new = _new_points(prof, points, args, bound)
+        if not new:
             break
-        points.append(t)
-    return args + float(prof[t]), live.alive_at(t, specs)
+        points += new
+    candidates = [decode(problem, choice), decode(problem, solve(free).choice)]
+    best = min(candidates, key=lambda p: _peak(live, problem, p))
+    low, high = bound, _peak(live, problem, best)
+    for _ in range(LEAST_MEMORY_STEPS):
+        result, picks, _ = _within(problem, free, live, (low + high) / 2)
+        if result.status == "infeasible":
+            low = (low + high) / 2
+        else:
+            best, high = picks, _peak(live, problem, picks)
+    specs = value_specs(problem, best)
+    _, full = live.profile(specs, operand_specs(problem, best))
+    return high, live.alive_at(int(np.argmax(full)), specs)
 
 
 def predicted_collectives(mp: MeshPlan, layout: Layout) -> list[tuple[int, coll.Collective]]:
@@ -213,12 +260,20 @@ def search(
 def _over_budget_message(over: list[MeshPlan], budget: float) -> str:
     least = [(least_memory(mp), mp) for mp in over]
     (need, alive), mp = min(least, key=lambda x: x[0][0])
-    top = "; ".join(f"{what}: {_size(b)}" for b, what in alive[:3])
-    n = mp.mesh.devices.size
+    kinds: dict[str, list[tuple[float, str]]] = {}
+    for nbytes, kind, what in alive:
+        kinds.setdefault(kind, []).append((nbytes, what))
+    parts = sorted(
+        ((sum(b for b, _ in items), kind, items[0]) for kind, items in kinds.items()),
+        reverse=True,
+    )
+    peak = "; ".join(
+        f"{kind} {_size(total)} (largest: {what}, {_size(b)})" for total, kind, (b, what) in parts
+    )
     return (
-        f"autoshard: no plan fits memory_budget={_size(budget)} per device on {n} devices. "
-        f"The least any plan reaches is {_size(need)} per device (mesh "
-        f"{tuple(mp.mesh.devices.shape)}); at its peak the largest are {top}. Raise "
+        f"autoshard: no plan fits memory_budget={_size(budget)} per device on "
+        f"{mp.mesh.devices.size} devices. The least memory found for any plan is {_size(need)} "
+        f"per device (mesh {tuple(mp.mesh.devices.shape)}); at its peak: {peak}. Raise "
         "memory_budget (or Hardware(memory=...)), use more devices, or shrink the model or "
         "batch."
     )

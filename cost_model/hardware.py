@@ -37,10 +37,9 @@ class Hardware:
       memory_bandwidth: bytes/second between device memory and compute (roofline for
         elementwise work).
       name: a label for summaries.
-      reduce_scatter: whether plans may reduce-scatter partial sums (ZeRO-2/FSDP
-        gradients). autoshard emits the reduce-scatter of a matmul or sum itself (XLA's
-        CPU backend never forms one: it keeps the all-reduce and slices); for other
-        operations it relies on the backend, which XLA does on GPU and TPU. The CPU
+      reduce_scatter: whether plans may reduce-scatter the partial sums of matmuls and
+        sums (ZeRO-2/FSDP gradients). autoshard emits these reduce-scatters itself, since
+        XLA's CPU backend never forms one (it keeps the all-reduce and slices). The CPU
         preset says False, which keeps its strategy space small.
       prefetch_overlap: fraction of a parameter's all-gather before a matmul that runs
         hidden behind compute (FSDP prefetches the next layer's parameters while this

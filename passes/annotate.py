@@ -19,14 +19,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 from autoshard.cost_model.resharding import Spec
 from autoshard.passes import jax_core
 from autoshard.passes.graph import Lit, OpGraph
+from autoshard.passes.rules.families import SCATTERABLE
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The plan as layouts: every value's spec, and every operation's operand specs."""
+    """The plan as layouts: every value's spec, and every operation's operand specs.
+
+    scatters: per graph node, (output dim, mesh axes) when its partial sums are
+    reduce-scattered onto that dim, else None.
+    """
 
     value_specs: tuple[Spec, ...]
     operand_specs: tuple[tuple[Spec | None, ...], ...]  # per graph node
+    scatters: tuple[tuple[int, tuple[int, ...]] | None, ...] = ()
 
 
 def partition_spec(spec: Spec, names) -> PartitionSpec:
@@ -105,6 +111,28 @@ def interpreter(graph: OpGraph, layout: Layout, mesh: jax.sharding.Mesh):
         for n, x in zip(exits, [*final, *ys], strict=True):
             env[n.outputs[0]] = constrain(x, specs[n.outputs[0]])
 
+    def scattered(node, ins):
+        """node's result, each device computing its partial sum and reduce-scattering."""
+        dim, axes = layout.scatters[node.id]
+        arrays = [p for p, r in enumerate(node.inputs) if not isinstance(r, Lit)]
+
+        def local(*xs):
+            full = list(ins)
+            for p, x in zip(arrays, xs, strict=True):
+                full[p] = x
+            y = jax_core.bind(node.primitive, full, node.params)[0]
+            return jax.lax.psum_scatter(
+                y, tuple(names[a] for a in axes), scatter_dimension=dim, tiled=True
+            )
+
+        in_specs = tuple(partition_spec(layout.operand_specs[node.id][p], names) for p in arrays)
+        out_spec = partition_spec(specs[node.outputs[0]], names)
+        return [
+            jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(
+                *(ins[p] for p in arrays)
+            )
+        ]
+
     def run_region(env, region: int) -> None:
         done: set[int] = set()
         for node in regions.get(region, ()):
@@ -114,7 +142,10 @@ def interpreter(graph: OpGraph, layout: Layout, mesh: jax.sharding.Mesh):
                     run_loop(env, graph.loops[node.boundary])
                 continue
             ins = [operand(env, node, pos) for pos in range(len(node.inputs))]
-            outs = jax_core.bind(node.primitive, ins, node.params)
+            if layout.scatters and layout.scatters[node.id] and node.name in SCATTERABLE:
+                outs = scattered(node, ins)
+            else:
+                outs = jax_core.bind(node.primitive, ins, node.params)
             for v, x in zip(node.outputs, outs, strict=True):
                 env[v] = constrain(x, specs[v])
 

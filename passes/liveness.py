@@ -103,13 +103,21 @@ class Liveness:
         return float(b[list(self.args)].sum()), live
 
     def transients(self, specs, operand_specs) -> np.ndarray:
+        """Bytes of resharded copies alive after each step. XLA reshards a value once
+        per target layout and reuses the copy, so a copy lives from its first reader to
+        its last (a parameter gathered for the forward matmul stays for the backward)."""
         g, mesh = self.problem.graph, self.problem.mesh
-        extra = np.zeros(len(self.order))
+        span: dict[tuple, list[int]] = {}
         for step, op in enumerate(self.order):
             for r, want in zip(g.nodes[op].inputs, operand_specs[op], strict=True):
                 if not isinstance(r, Lit) and want is not None and want != specs[r]:
-                    extra[step] += per_device_bytes(g.values[r].nbytes, want, mesh)
-        return extra
+                    span.setdefault((r, want), []).append(step)
+        delta = np.zeros(len(self.order) + 1)
+        for (r, want), steps in span.items():
+            nbytes = per_device_bytes(g.values[r].nbytes, want, mesh)
+            delta[min(steps)] += nbytes
+            delta[max(steps) + 1] -= nbytes
+        return np.cumsum(delta)[: len(self.order)]
 
     def report(self, specs, operand_specs=None) -> dict[str, float]:
         args, live = self.profile(specs, operand_specs)
@@ -140,10 +148,10 @@ class Liveness:
             )
         return self._cache[v]
 
-    def alive_at(self, step: int, specs) -> list[tuple[float, str]]:
-        """What occupies memory after step: (per-device bytes, description), largest
-        first; step arguments are named by their path, intermediates by the operation
-        that makes them."""
+    def alive_at(self, step: int, specs) -> list[tuple[float, str, str]]:
+        """What occupies memory after step: (per-device bytes, kind, what), largest
+        first. Kinds: "parameters", "optimizer state", "other arguments" (named by
+        path) and "intermediates" (named by the operation that makes them)."""
         g = self.problem.graph
         b = self.value_bytes(specs)
         live = self.live.indices[self.live.indptr[step] : self.live.indptr[step + 1]]
@@ -152,10 +160,16 @@ class Liveness:
         for v in [*self.args, *live.tolist()]:
             info = g.values[v]
             if v in producer:
-                what = f"intermediate {g.nodes[producer[v]].name} {list(info.shape)} {info.dtype}"
-            elif "opt_state" in info.name:
-                what = f"optimizer state {info.name}"
+                kind = "intermediates"
+                what = f"{g.nodes[producer[v]].name} {list(info.shape)} {info.dtype}"
             else:
-                what = f"argument {info.name}"
-            out.append((float(b[v]), what))
+                kind = (
+                    "optimizer state"
+                    if "opt_state" in info.name
+                    else "parameters"
+                    if "params" in info.name
+                    else "other arguments"
+                )
+                what = info.name
+            out.append((float(b[v]), kind, what))
         return sorted(out, key=lambda x: -x[0])

@@ -22,7 +22,7 @@ from autoshard.cost_model.resharding import Spec, per_device_bytes
 from autoshard.passes.graph import Lit, OpGraph
 from autoshard.passes.rules import REDUCE, FactorMap, OpView, factor_map
 from autoshard.passes.rules.core import Builder
-from autoshard.passes.rules.families import BOUNDARY, CONTRACTIONS, FUSIBLE
+from autoshard.passes.rules.families import BOUNDARY, CONTRACTIONS, FUSIBLE, SCATTERABLE
 
 _SHORT = {coll.ALL_REDUCE: "AR", coll.REDUCE_SCATTER: "RS"}
 
@@ -168,6 +168,8 @@ def _reductions(outs, reduce_axes, reduce_op, op: OpInfo, fmap: FactorMap, mesh:
     ]
     yield outs, tuple(coll.Collective(coll.ALL_REDUCE, reduce_axes, b, reduce_op) for b in per_dev)
     if len(outs) != 1 or reduce_op != "sum" or not hw.reduce_scatter:
+        return
+    if op.primitive not in SCATTERABLE:
         return
     shape = [math.prod(fmap.factors[f].size for f in dim) for dim in fmap.outputs[0]]
     for d, axes in enumerate(outs[0]):

@@ -1,9 +1,9 @@
-"""Memory-aware planning: the per-device memory model, the budget constraint, and
-the error when no plan fits."""
+"""Memory-aware planning: the per-device memory model against what XLA compiled, the
+budget constraint (ZeRO/FSDP when memory demands it), and the error when no plan fits."""
 
 import jax
 import pytest
-from util import ADAM_ATOL, assert_close
+from util import ADAM_ATOL, assert_close, compiled_vs_predicted
 
 import autoshard
 from autoshard.cost_model.memory import dfs_order, live_peak
@@ -12,6 +12,8 @@ from autoshard.models import gpt, mlp
 CPU = autoshard.Hardware(
     flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
 )
+# the same, with reduce-scatters in the strategy space (autoshard emits them itself)
+CPU_RS = CPU.with_(reduce_scatter=True)
 
 
 def compiled_bytes(step, *args) -> int:
@@ -26,6 +28,10 @@ def compiled_bytes(step, *args) -> int:
     )
 
 
+def _split(plan, kind):
+    return {e.path for e in plan.inputs if any(e.spec) and kind in e.path}
+
+
 def test_dfs_order_computes_each_result_just_before_it_is_read():
     # op0 -> v0 (big), op1 -> v1, op2: v0 -> v2, op3: v1 -> v3; outputs v2, v3
     produced, consumed = [[0], [1], [2], [3]], [[], [], [0], [1]]
@@ -38,61 +44,96 @@ def test_dfs_order_computes_each_result_just_before_it_is_read():
 
 
 @pytest.mark.parametrize(
-    "name, setup",
+    "setup, hw",
     [
-        ("mlp", lambda: mlp.setup(mlp.MLPConfig(64, 512, 2), 64)),
-        ("gpt", lambda: gpt.setup(gpt.tiny(), 16)),
+        (lambda: mlp.setup(mlp.MLPConfig(64, 512, 2), 64), CPU),
+        (lambda: mlp.setup(mlp.MLPConfig(256, 256, 2), 1024), CPU_RS),
+        (lambda: gpt.setup(gpt.tiny(), 16), CPU),
     ],
+    ids=["mlp-data-parallel", "mlp-fsdp-like", "gpt"],
 )
-def test_predicted_memory_is_near_compiled(name, setup):
+def test_predicted_memory_is_near_compiled(setup, hw):
     s = setup()
-    step = autoshard.parallelize(s.train_step, mesh=(8,), hardware=CPU, donate_argnums=0)
+    step = autoshard.parallelize(s.train_step, mesh=(8,), hardware=hw, donate_argnums=0)
     predicted = step.plan(s.state, s.batch).cost.memory["total"]
     compiled = compiled_bytes(step, s.state, s.batch)
-    assert predicted == pytest.approx(compiled, rel=0.15), (name, predicted, compiled)
+    assert predicted == pytest.approx(compiled, rel=0.15), (predicted, compiled)
 
 
 @pytest.fixture(scope="module")
-def gpt16():
-    return gpt.setup(gpt.tiny(), 16)
+def gpt32():
+    s = gpt.setup(gpt.tiny(), 32)
+    free = autoshard.parallelize(s.train_step, mesh=(8,), hardware=CPU_RS, donate_argnums=0)
+    return s, free.plan(s.state, s.batch)
 
 
-def _plan(s, budget):
-    step = autoshard.parallelize(
-        s.train_step, mesh=(8,), hardware=CPU, donate_argnums=0, memory_budget=budget
+def _step(s, budget, hw=CPU_RS):
+    return autoshard.parallelize(
+        s.train_step, mesh=(8,), hardware=hw, donate_argnums=0, memory_budget=budget
     )
-    return step, step.plan(s.state, s.batch)
 
 
-def test_a_generous_budget_changes_nothing(gpt16):
-    _, free = _plan(gpt16, None)
-    _, generous = _plan(gpt16, 10 * free.cost.memory["total"])
+def test_a_generous_budget_changes_nothing(gpt32):
+    s, free = gpt32
+    generous = _step(s, 10 * free.cost.memory["total"]).plan(s.state, s.batch)
     assert [e.spec for e in generous.inputs] == [e.spec for e in free.inputs]
 
 
-def test_a_tight_budget_splits_state_and_runs_correctly(gpt16):
-    s = gpt16
-    _, free = _plan(s, None)
-    budget = 0.6 * free.cost.memory["total"]
-    step, tight = _plan(s, budget)
-    assert tight.cost.memory["total"] <= budget
-    split = lambda plan: {e.path for e in plan.inputs if any(e.spec)}  # noqa: E731
-    assert len(split(tight)) > len(split(free))
-    # parameters and their optimizer moments are split together
-    assert any("opt_state" in p for p in split(tight) - split(free))
-    assert any("opt_state" not in p for p in split(tight) - split(free))
-    assert tight.cost.time >= free.cost.time  # memory is paid for in time
+def test_a_tight_budget_gives_fsdp_and_fits(gpt32):
+    """Below the data-parallel footprint: parameters and their moments split over the
+    data axis, gathered before use, gradients reduce-scattered (ZeRO-3/FSDP)."""
+    s, free = gpt32
+    assert not _split(free, "params")  # data parallel: everything replicated
+    budget = 0.7 * free.cost.memory["total"]
+    step = _step(s, budget)
+    plan = step.plan(s.state, s.batch)
+    assert plan.cost.memory["total"] <= budget
+    assert _split(plan, "params") and _split(plan, "opt_state")
+    assert plan.cost.time > free.cost.time  # memory is paid for in time
+    compiled, predicted = compiled_vs_predicted(step, s.state, s.batch)
+    assert compiled == predicted
+    assert {"all-gather", "reduce-scatter"} <= set(compiled)
+    measured = compiled_bytes(step, s.state, s.batch)
+    assert measured <= budget
+    assert plan.cost.memory["total"] == pytest.approx(measured, rel=0.15)
     ref = jax.jit(s.train_step)(s.state, s.batch)
     out = step(jax.tree.map(lambda x: x.copy(), s.state), s.batch)  # donated: copy
     assert_close(out, ref, atol=ADAM_ATOL)
 
 
-def test_a_budget_no_plan_meets_names_the_least_reachable(gpt16):
+def test_a_mild_budget_splits_optimizer_state_first(gpt32):
+    """ZeRO-1/2-like: the moments (twice the parameters) go first."""
+    s, free = gpt32
+    budget = 0.8 * free.cost.memory["total"]
+    step = _step(s, budget)
+    plan = step.plan(s.state, s.batch)
+    assert plan.cost.memory["total"] <= budget
+    assert len(_split(plan, "opt_state")) > 2 * len(_split(plan, "params"))
+    assert compiled_bytes(step, s.state, s.batch) <= budget
+
+
+def test_the_default_budget_is_the_device_memory_less_headroom(gpt32):
+    s, free = gpt32
+    memory = 0.8 * free.cost.memory["total"] / (1 - autoshard.api.MEMORY_HEADROOM)
+    step = _step(s, None, hw=CPU_RS.with_(memory=memory))
+    plan = step.plan(s.state, s.batch)
+    assert plan.cost.memory["total"] <= memory * (1 - autoshard.api.MEMORY_HEADROOM)
+    assert _split(plan, "opt_state")
+    assert compiled_bytes(step, s.state, s.batch) <= memory
+
+
+def test_a_budget_no_plan_meets_names_the_least_found_and_what_fills_it(gpt32):
+    s, free = gpt32
+    budget = 0.4 * free.cost.memory["total"]
     with pytest.raises(autoshard.MemoryBudgetError) as err:
-        _plan(gpt16, 100_000)
+        _step(s, budget).plan(s.state, s.batch)
     msg = str(err.value)
-    assert "memory_budget=97.66 KiB" in msg
-    assert "The least any plan reaches is" in msg and "Raise memory_budget" in msg
+    assert "no plan fits memory_budget=" in msg and "on 8 devices" in msg
+    least = msg.split("The least memory found for any plan is ")[1].split(" per device")[0]
+    number, unit = least.split()
+    assert float(number) * {"KiB": 2**10, "MiB": 2**20}[unit] > budget
+    assert "intermediates" in msg and "optimizer state" in msg and "largest:" in msg
+    assert "Raise memory_budget" in msg
 
 
 def test_budget_must_be_positive():

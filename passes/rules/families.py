@@ -36,3 +36,7 @@ DECISIONS = (
         "cond",
     }
 )
+# Operations whose partial sums a plan may reduce-scatter. The interpreter runs them
+# under shard_map with an explicit psum_scatter: XLA does not form reduce-scatters on
+# every backend (the CPU one keeps all-reduce + slice).
+SCATTERABLE = frozenset({"dot_general", "reduce_sum"})
