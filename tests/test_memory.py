@@ -3,15 +3,12 @@ budget constraint (ZeRO/FSDP when memory demands it), and the error when no plan
 
 import jax
 import pytest
-from util import ADAM_ATOL, assert_close, compiled_vs_predicted
+from util import ADAM_ATOL, CPU, assert_close, compiled_vs_predicted
 
 import autoshard
 from autoshard.cost_model.memory import dfs_order, live_peak
 from autoshard.models import gpt, mlp
 
-CPU = autoshard.Hardware(
-    flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
-)
 # the same, with reduce-scatters in the strategy space (autoshard emits them itself)
 CPU_RS = CPU.with_(reduce_scatter=True)
 
@@ -139,3 +136,14 @@ def test_a_budget_no_plan_meets_names_the_least_found_and_what_fills_it(gpt32):
 def test_budget_must_be_positive():
     with pytest.raises(ValueError, match="memory_budget"):
         autoshard.parallelize(lambda x: x, memory_budget=0)
+
+
+def test_prefetch_overlap_discounts_parameter_gathers(gpt32):
+    """FSDP's prefetched all-gathers hide behind compute: the same budget costs less
+    time when the hardware overlaps them, and nothing else changes."""
+    s, free = gpt32
+    budget = 0.7 * free.cost.memory["total"]
+    plain = _step(s, budget).plan(s.state, s.batch)
+    hidden = _step(s, budget, hw=CPU_RS.with_(prefetch_overlap=0.9)).plan(s.state, s.batch)
+    assert hidden.cost.time < plain.cost.time
+    assert hidden.cost.memory["total"] <= budget

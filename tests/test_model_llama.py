@@ -6,15 +6,10 @@ import doctest
 import jax
 import jax.numpy as jnp
 import pytest
-from util import ADAM_ATOL, assert_close, missing_rules, primitives, run_both, spec_of
+from util import ADAM_ATOL, CPU, assert_close, missing_rules, primitives, run_both, spec_of
 
 import autoshard
 from autoshard.models import llama
-
-# CPU-like numbers, as in test_plans.py.
-CPU = autoshard.Hardware(
-    flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
-)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from util import (
     ADAM_ATOL,
+    CPU,
     assert_close,
     assert_prediction_matches,
     missing_rules,
@@ -19,11 +20,6 @@ from util import (
 
 import autoshard
 from autoshard.models import moe
-
-# CPU-like numbers (as in test_plans.py); XLA's CPU backend does not form reduce-scatters.
-CPU = autoshard.Hardware(
-    flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
-)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from util import (
     ADAM_ATOL,
+    CPU,
     assert_close,
     assert_prediction_matches,
     compiled_vs_predicted,
@@ -22,10 +23,6 @@ from util import (
 import autoshard
 from autoshard.models import wresnet
 
-# CPU-like numbers, as in test_plans.py.
-CPU = autoshard.Hardware(
-    flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
-)
 # Large enough that the CPU plan on (8,) splits the batch, so batch norm reduces its
 # statistics over a split batch.
 BATCH = 256

@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from util import ADAM_ATOL, assert_close, compiled_vs_predicted, run_both, spec_of
+from util import ADAM_ATOL, CPU, assert_close, compiled_vs_predicted, run_both, spec_of
 
-import autoshard
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.hardware import MeshDesc
 from autoshard.models import gpt, mlp
@@ -15,10 +14,6 @@ from autoshard.passes.trace import trace
 
 MESHES = [(8,), (2, 4), (2, 2, 2), None]
 MESH8 = MeshDesc((8,), ("x",))
-# CPU-like numbers; XLA's CPU backend does not form reduce-scatters.
-CPU = autoshard.Hardware(
-    flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
-)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import jax
 import pytest
 from util import (
     ADAM_ATOL,
+    CPU,
     assert_close,
     assert_prediction_matches,
     compiled_vs_predicted,
@@ -16,15 +17,9 @@ from util import (
     spec_of,
 )
 
-import autoshard
 from autoshard.models import gpt
 from autoshard.passes.graph import build_graph
 from autoshard.passes.trace import trace
-
-# CPU-like numbers; XLA's CPU backend does not form reduce-scatters.
-CPU = autoshard.Hardware(
-    flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
-)
 
 
 def _planned(config, batch_size, mesh=(8,)):

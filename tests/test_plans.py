@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from util import assert_prediction_matches, compiled_vs_predicted, spec_of
+from util import CPU, assert_prediction_matches, compiled_vs_predicted, spec_of
 
 import autoshard
 from autoshard.cost_model.hardware import MeshDesc
 from autoshard.cost_model.resharding import reshard
 from autoshard.models import gpt, mlp
-
-# CPU-like numbers; XLA's CPU backend does not form reduce-scatters.
-CPU = autoshard.Hardware(
-    flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
-)
 
 
 def test_large_batch_small_mlp_is_data_parallel():

@@ -7,6 +7,11 @@ import numpy as np
 
 import autoshard
 
+# CPU-like numbers for plan tests; XLA's CPU backend does not form reduce-scatters.
+CPU = autoshard.Hardware(
+    flops=5e10, bandwidth=5e9, latency=2e-5, memory_bandwidth=2e10, reduce_scatter=False
+)
+
 # adamw normalises each update by sqrt(nu): where a gradient is ~0 its sign (and so a
 # full +-lr step) can flip between equally correct reduction orders; see JAX_NOTES.
 ADAM_ATOL = 1e-3
