@@ -17,7 +17,7 @@ from autoshard.models import gpt, mlp  # noqa: E402
 
 HW = autoshard.PRESETS["cpu"].with_(reduce_scatter=True, name="cpu + reduce-scatter")
 CASES = [
-    ("MLP 64-512-64 x4, batch 256", lambda: mlp.setup(mlp.MLPConfig(64, 512, 4), 256)),
+    ("MLP 512-256-512 x4, batch 512", lambda: mlp.setup(mlp.MLPConfig(512, 256, 4), 512)),
     ("GPT tiny, batch 32", lambda: gpt.setup(gpt.tiny(), 32)),
 ]
 FRACTIONS = (None, 1.0, 0.8, 0.7, 0.6, 0.5, 0.4)

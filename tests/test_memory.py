@@ -147,3 +147,19 @@ def test_prefetch_overlap_discounts_parameter_gathers(gpt32):
     hidden = _step(s, budget, hw=CPU_RS.with_(prefetch_overlap=0.9)).plan(s.state, s.batch)
     assert hidden.cost.time < plain.cost.time
     assert hidden.cost.memory["total"] <= budget
+
+
+def test_mlp_under_a_budget_fits_and_is_predicted():
+    s = mlp.setup(mlp.MLPConfig(512, 256, 4), 512)
+    free = _step(s, None).plan(s.state, s.batch)
+    budget = 0.8 * free.cost.memory["total"]
+    step = _step(s, budget)
+    plan = step.plan(s.state, s.batch)
+    assert plan.cost.memory["total"] <= budget
+    assert len(_split(plan, "opt_state")) > len(_split(plan, "params"))
+    measured = compiled_bytes(step, s.state, s.batch)
+    assert measured <= budget
+    assert plan.cost.memory["total"] == pytest.approx(measured, rel=0.15)
+    ref = jax.jit(s.train_step)(s.state, s.batch)
+    out = step(jax.tree.map(lambda x: x.copy(), s.state), s.batch)
+    assert_close(out, ref, atol=ADAM_ATOL)
