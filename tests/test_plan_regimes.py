@@ -17,7 +17,7 @@ from util import (
     spec_of,
 )
 
-from autoshard.models import gpt
+from autoshard.models import gpt, gpt_scan
 from autoshard.passes.graph import build_graph
 from autoshard.passes.trace import trace
 
@@ -89,3 +89,20 @@ def test_dimensions_that_do_not_divide_the_axes_stay_whole(mesh):
                 group *= sizes[a]
             assert dim % group == 0, (entry.path, entry.shape, entry.spec)
     assert jax.tree.leaves(plan.in_specs)
+
+
+def test_scanned_layers_are_split_inside_the_loop():
+    """The MaxText habit (layers stacked and run by nnx.scan): planned through the loop
+    body, so the stacked weights split by heads and Megatron-style on their non-layer
+    dimensions, exactly as the unrolled GPT's."""
+    cfg = gpt.GPTConfig(vocab=64, d_model=512, n_heads=8, n_layers=2, seq_len=8, d_ff=1024)
+    s = gpt_scan.setup(cfg, 1)
+    out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=(8,), hardware=CPU)
+    assert_close(out, ref, atol=ADAM_ATOL)
+    plan = step.plan(s.state, s.batch)
+    for proj in "qkv":  # [layers, d_model, d_model]
+        assert spec_of(plan, f"['attn']['{proj}']['kernel']") == (None, None, "x")
+    assert spec_of(plan, "['attn']['o']['kernel']") == (None, "x")
+    assert spec_of(plan, "['mlp']['w1']['kernel']") == (None, None, "x")
+    assert spec_of(plan, "['mlp']['w2']['kernel']") == (None, "x")
+    assert_prediction_matches(step, s.state, s.batch)
