@@ -75,8 +75,10 @@ def candidate_shapes(
 # memory went over.
 MEMORY_ROUNDS = 12
 MEMORY_POINTS = 8
-# Bisection steps of the least-memory search behind MemoryBudgetError's message.
-LEAST_MEMORY_STEPS = 4
+# The least-memory search behind MemoryBudgetError's message: budgets stepped down by
+# this factor from the best plan known, at most this many times.
+LEAST_MEMORY_STEP = 0.92
+LEAST_MEMORY_STEPS = 8
 
 
 def _new_points(profile, points, args: float, limit: float) -> list[int]:
@@ -176,8 +178,8 @@ def _within(problem: Problem, request: SolverRequest, live: Liveness, budget: fl
 def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
     """About the least per-device memory a plan on mp's mesh reaches, and what is
     alive at its peak: (bytes, kind, what), largest first. A lower bound comes from
-    the memory rows alone; plans found under budgets bisected between it and the best
-    plan known narrow it down."""
+    the memory rows alone; plans found under budgets stepped down from the best plan
+    known narrow it down."""
     problem, live = mp.problem, mp.liveness
     node_of_root = {r: i for i, r in enumerate(problem.roots)}
     args, prof = live.profile(value_specs(problem, mp.picks))
@@ -193,13 +195,14 @@ def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
         points += new
     candidates = [decode(problem, choice), decode(problem, solve(free).choice)]
     best = min(candidates, key=lambda p: _peak(live, problem, p))
-    low, high = bound, _peak(live, problem, best)
+    high = _peak(live, problem, best)
+    # step the budget down from the best plan known while plans keep fitting
     for _ in range(LEAST_MEMORY_STEPS):
-        result, picks, _ = _within(problem, free, live, (low + high) / 2)
-        if result.status == "infeasible":
-            low = (low + high) / 2
-        else:
-            best, high = picks, _peak(live, problem, picks)
+        target = max(bound, LEAST_MEMORY_STEP * high)
+        result, picks, _ = _within(problem, free, live, target)
+        if result.status == "infeasible" or target <= bound:
+            break
+        best, high = picks, min(high, _peak(live, problem, picks))
     specs = value_specs(problem, best)
     _, full = live.profile(specs, operand_specs(problem, best))
     return high, live.alive_at(int(np.argmax(full)), specs)
