@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
+from util import missing_rules, primitives
 
 from autoshard.models import common, gpt, mlp
 
@@ -67,3 +68,10 @@ def test_init_state_rejects_non_param_state():
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("module", [mlp, gpt], ids=["mlp", "gpt"])
+def test_every_primitive_of_the_step_has_a_rule(module):
+    s = module.setup(module.tiny(), 4)
+    assert "dot_general" in primitives(s.train_step, s.state, s.batch)
+    assert missing_rules(s.train_step, s.state, s.batch) == set()
