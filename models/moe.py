@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from autoshard.models import gpt
 from autoshard.models.common import Batch, Setup, make_setup
 from autoshard.models.gpt import Attention
 
@@ -244,8 +245,8 @@ def loss_fn(model: MoE, batch: Batch) -> jax.Array:
 
 
 def synthetic_batch(config: MoEConfig, batch_size: int, key: jax.Array) -> Batch:
-    """Counting sequences ``t[i+1] = (t[i] + 1) % vocab`` from random starts: the next
-    token is a fixed function of the current one, so the loss falls fast.
+    """The GPT's counting sequences (:func:`autoshard.models.gpt.synthetic_batch`): the
+    next token is a fixed function of the current one, so the loss falls fast.
 
     Returns:
       ``{"tokens": int32 [batch_size, seq_len + 1]}``.
@@ -255,9 +256,7 @@ def synthetic_batch(config: MoEConfig, batch_size: int, key: jax.Array) -> Batch
       >>> b["tokens"].shape, b["tokens"].dtype
       ((2, 9), dtype('int32'))
     """
-    start = jax.random.randint(key, (batch_size, 1), 0, config.vocab, jnp.int32)
-    offsets = jnp.arange(config.seq_len + 1, dtype=jnp.int32)
-    return {"tokens": (start + offsets) % config.vocab}
+    return gpt.synthetic_batch(config, batch_size, key)
 
 
 def setup(

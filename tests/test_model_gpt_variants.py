@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
-from util import ADAM_ATOL, assert_close, missing_rules, primitives, run_both
+from util import ADAM_ATOL, assert_close, missing_rules, primitives, run_both, train
 
 from autoshard.models import gpt_linen, gpt_scan
 from autoshard.passes import jax_core
@@ -34,11 +34,7 @@ def _avals(tree):
 
 def test_loss_falls(variant):
     module, s = variant
-    step = jax.jit(s.train_step)
-    state, losses = s.state, []
-    for _ in range(20):
-        state, metrics = step(state, s.batch)
-        losses.append(float(metrics["loss"]))
+    state, losses = train(s)
     assert int(state.step) == 20
     assert losses[-1] < 0.5 * losses[0], losses
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
-from util import missing_rules, primitives
+from util import missing_rules, primitives, train
 
 from autoshard.models import common, gpt, mlp
 
@@ -24,11 +24,7 @@ def _avals(tree):
 @pytest.mark.parametrize(("module", "batch_size", "ratio"), CASES, ids=IDS)
 def test_loss_falls(module, batch_size, ratio):
     s = module.setup(module.tiny(), batch_size)
-    step = jax.jit(s.train_step)
-    state, losses = s.state, []
-    for _ in range(20):
-        state, metrics = step(state, s.batch)
-        losses.append(float(metrics["loss"]))
+    state, losses = train(s)
     assert int(state.step) == 20
     assert losses[-1] < ratio * losses[0], losses
 

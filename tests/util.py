@@ -17,6 +17,16 @@ CPU = autoshard.Hardware(
 ADAM_ATOL = 1e-3
 
 
+def train(setup, steps: int = 20):
+    """(final state, losses) of `steps` jitted single-device steps on setup's batch."""
+    step = jax.jit(setup.train_step)
+    state, losses = setup.state, []
+    for _ in range(steps):
+        state, metrics = step(state, setup.batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
 def run_both(train_step, state, batch, **kwargs):
     """(sharded output, single-device output, the wrapped step)."""
     ref = jax.jit(train_step)(state, batch)
