@@ -5,40 +5,49 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def live_sets(
+    produced: Sequence[Sequence[int]],
+    consumed: Sequence[Sequence[int]],
+    keep: set[int],
+    materialized: set[int] | None = None,
+) -> list[list[int]]:
+    """Per operation, walking them in order, the intermediate values alive once it has
+    made its results (its operands still alive).
+
+    Args:
+      produced: per operation, the value ids it creates.
+      consumed: per operation, the value ids it reads.
+      keep: values alive to the end (step outputs).
+      materialized: the values that occupy memory (default all); the others are
+        fused into their readers.
+
+    A value lives from the operation that makes it to its last reader. Values no
+    operation makes (step arguments) are not listed: they are counted as arguments.
+    """
+    last = {}
+    for i, vs in enumerate(consumed):
+        for v in vs:
+            last[v] = i
+    live: set[int] = set()
+    out = []
+    for i, made in enumerate(produced):
+        live |= {v for v in made if materialized is None or v in materialized}
+        out.append(sorted(live))
+        dead = {v for v in consumed[i] if last.get(v) == i and v not in keep}
+        dead |= {v for v in made if v not in last and v not in keep}
+        live -= dead
+    return out
+
+
 def live_peak(
     produced: Sequence[Sequence[int]],
     consumed: Sequence[Sequence[int]],
     nbytes: Sequence[float],
     keep: set[int],
-    materialized: set[int] | None = None,
 ) -> float:
-    """Peak bytes of intermediate values alive at once, walking operations in order.
-
-    Args:
-      produced: per operation, the value ids it creates.
-      consumed: per operation, the value ids it reads.
-      nbytes: per value id, its per-device bytes.
-      keep: values alive to the end (step outputs).
-      materialized: the values that occupy memory (default all); the others are
-        fused into their readers.
-
-    A value lives from the operation that makes it to its last reader.
-    """
-    if materialized is not None:
-        nbytes = [b if v in materialized else 0.0 for v, b in enumerate(nbytes)]
-    last = {}
-    for i, vs in enumerate(consumed):
-        for v in vs:
-            last[v] = i
-    made = {v for vs in produced for v in vs}  # inputs are counted as arguments
-    live, peak = 0.0, 0.0
-    for i, outs in enumerate(produced):
-        live += sum(nbytes[v] for v in outs)
-        peak = max(peak, live)
-        dead = {v for v in consumed[i] if last.get(v) == i and v not in keep}
-        dead |= {v for v in outs if v not in last and v not in keep}
-        live -= sum(nbytes[v] for v in dead if v in made)
-    return peak
+    """Peak bytes of intermediate values alive at once (see :func:`live_sets`)."""
+    sets = live_sets(produced, consumed, keep)
+    return max((sum(nbytes[v] for v in s) for s in sets), default=0.0)
 
 
 def dfs_order(

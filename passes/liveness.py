@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from autoshard.cost_model.ilp import MemoryRow
-from autoshard.cost_model.memory import dfs_order
+from autoshard.cost_model.memory import dfs_order, live_sets
 from autoshard.cost_model.resharding import per_device_bytes
 from autoshard.passes.graph import Lit, OpGraph
 from autoshard.passes.rules.families import FUSIBLE, FUSION_CONSUMERS
@@ -63,19 +63,9 @@ class Liveness:
         produced = [n.outputs for n in g.nodes]
         consumed = [[r for r in n.inputs if not isinstance(r, Lit)] for n in g.nodes]
         order = dfs_order(produced, consumed, [r for r in g.outputs if not isinstance(r, Lit)])
-        last: dict[int, int] = {}
-        for step, op in enumerate(order):
-            for v in consumed[op]:
-                last[v] = step
-        live: set[int] = set()
-        rows, cols = [], []
-        for step, op in enumerate(order):
-            live |= {v for v in produced[op] if v in keep}
-            rows += [step] * len(live)
-            cols += sorted(live)
-            dead = {v for v in consumed[op] if last.get(v) == step and v not in outs}
-            dead |= {v for v in produced[op] if v not in last and v not in outs}
-            live -= dead
+        sets = live_sets([produced[i] for i in order], [consumed[i] for i in order], outs, keep)
+        rows = [step for step, live in enumerate(sets) for _ in live]
+        cols = [v for live in sets for v in live]
         self.outputs = frozenset(outs)
         self.steps = len(order)
         self.order = tuple(order)
