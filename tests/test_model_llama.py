@@ -6,7 +6,7 @@ import doctest
 import jax
 import jax.numpy as jnp
 import pytest
-from util import ADAM_ATOL, CPU, assert_close, missing_rules, primitives, run_both, spec_of
+from util import ADAM_ATOL, CPU, assert_close, missing_rules, primitives, run_both, spec_of, train
 
 import autoshard
 from autoshard.models import llama
@@ -17,18 +17,9 @@ def tiny_setup():
     return llama.setup(llama.tiny(), batch_size=4)
 
 
-def _losses(s, steps=20):
-    step = jax.jit(s.train_step)
-    state, losses = s.state, []
-    for _ in range(steps):
-        state, metrics = step(state, s.batch)
-        losses.append(float(metrics["loss"]))
-    return state, losses
-
-
 def test_loss_falls(tiny_setup):
     # measured last/first ratio ~0.1
-    state, losses = _losses(tiny_setup)
+    state, losses = train(tiny_setup)
     assert int(state.step) == 20
     assert losses[-1] < 0.4 * losses[0], losses
 
@@ -36,7 +27,7 @@ def test_loss_falls(tiny_setup):
 def test_bf16_trains_and_params_stay_bf16():
     s = llama.setup(llama.tiny(dtype="bfloat16"), batch_size=4)
     assert {x.dtype for x in jax.tree.leaves(s.state.params)} == {jnp.dtype(jnp.bfloat16)}
-    state, losses = _losses(s)
+    state, losses = train(s)
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
     assert losses[-1] < 0.5 * losses[0], losses
     _, metrics = jax.eval_shape(s.train_step, s.state, s.batch)
