@@ -116,11 +116,27 @@ def make_train_step(
         (loss, model_state), grads = jax.value_and_grad(params_loss, has_aux=True)(
             state.params, state.model_state, batch
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1, model_state), {"loss": loss}
+        return apply_gradients(state, grads, tx, model_state), {"loss": loss}
 
     return train_step
+
+
+def apply_gradients(
+    state: TrainState, grads, tx: optax.GradientTransformation, model_state=None
+) -> TrainState:
+    """One optimizer update of ``state`` by ``grads``; the step counter advances.
+
+    Example:
+      >>> import optax
+      >>> s = TrainState({"w": jnp.ones(2)}, optax.sgd(0.5).init({"w": jnp.ones(2)}),
+      ...                jnp.zeros((), jnp.int32))
+      >>> new = apply_gradients(s, {"w": jnp.ones(2)}, optax.sgd(0.5))
+      >>> new.params["w"].tolist(), int(new.step)
+      ([0.5, 0.5], 1)
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state, state.step + 1, model_state)
 
 
 def make_setup(
@@ -146,3 +162,29 @@ def make_setup(
     tx = optax.adamw(learning_rate) if tx is None else tx
     graphdef, state = init_state(model, tx)
     return Setup(make_train_step(graphdef, tx, loss_fn), state, batch, config)
+
+
+def setup_model(
+    model_cls: Callable[[Any, nnx.Rngs], nnx.Module],
+    loss_fn: LossFn,
+    synthetic_batch: Callable[[Any, int, jax.Array], Batch],
+    config: Any,
+    batch_size: int,
+    seed: int = 0,
+    learning_rate: float = 1e-3,
+    tx: optax.GradientTransformation | None = None,
+) -> Setup:
+    """The reference models' ``setup``: ``model_cls(config, rngs)`` initialised from
+    ``seed``, one ``synthetic_batch``, and the train step (``tx``, default adamw).
+
+    Example:
+      >>> batch = lambda cfg, n, key: {"x": jax.random.normal(key, (n, cfg))}
+      >>> loss_fn = lambda m, b: jnp.mean(m(b["x"]) ** 2)
+      >>> s = setup_model(lambda d, rngs: nnx.Linear(d, d, rngs=rngs), loss_fn, batch, 3, 4)
+      >>> s.batch["x"].shape, s.state.params["kernel"].shape
+      ((4, 3), (3, 3))
+    """
+    model_key, data_key = jax.random.split(jax.random.key(seed))
+    model = model_cls(config, nnx.Rngs(params=model_key))
+    batch = synthetic_batch(config, batch_size, data_key)
+    return make_setup(model, loss_fn, batch, config, learning_rate, tx)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from autoshard.models.common import Batch, Setup, make_setup
+from autoshard.models.common import Batch, Setup, setup_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +172,4 @@ def setup(
       >>> int(state.step)
       1
     """
-    model_key, data_key = jax.random.split(jax.random.key(seed))
-    model = GPT(config, nnx.Rngs(params=model_key))
-    batch = synthetic_batch(config, batch_size, data_key)
-    return make_setup(model, loss_fn, batch, config, learning_rate, tx)
+    return setup_model(GPT, loss_fn, synthetic_batch, config, batch_size, seed, learning_rate, tx)

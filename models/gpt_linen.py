@@ -18,7 +18,7 @@ import optax
 from flax import linen as nn
 
 from autoshard.models import gpt
-from autoshard.models.common import Batch, Setup, TrainState, TrainStep
+from autoshard.models.common import Batch, Setup, TrainState, TrainStep, apply_gradients
 from autoshard.models.gpt import GPTConfig, synthetic_batch
 
 __all__ = ["GPT", "GPTConfig", "loss_fn", "make_train_step", "setup", "synthetic_batch", "tiny"]
@@ -137,9 +137,7 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation) -> TrainStep:
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch))(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1, None), {"loss": loss}
+        return apply_gradients(state, grads, tx), {"loss": loss}
 
     return train_step
 

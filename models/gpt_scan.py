@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from autoshard.models import gpt
-from autoshard.models.common import Setup, make_setup
+from autoshard.models.common import Setup, setup_model
 from autoshard.models.gpt import Block, GPTConfig, loss_fn, synthetic_batch
 
 __all__ = ["GPT", "GPTConfig", "loss_fn", "setup", "synthetic_batch", "tiny"]
@@ -96,7 +96,4 @@ def setup(
       >>> int(state.step)
       1
     """
-    model_key, data_key = jax.random.split(jax.random.key(seed))
-    model = GPT(config, nnx.Rngs(params=model_key))
-    batch = synthetic_batch(config, batch_size, data_key)
-    return make_setup(model, loss_fn, batch, config, learning_rate, tx)
+    return setup_model(GPT, loss_fn, synthetic_batch, config, batch_size, seed, learning_rate, tx)

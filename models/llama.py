@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from autoshard.models.common import Batch, Setup, make_setup
+from autoshard.models.common import Batch, Setup, setup_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -265,7 +265,4 @@ def setup(
       >>> metrics["loss"].shape, metrics["loss"].dtype
       ((), dtype('float32'))
     """
-    model_key, data_key = jax.random.split(jax.random.key(seed))
-    model = Llama(config, nnx.Rngs(params=model_key))
-    batch = synthetic_batch(config, batch_size, data_key)
-    return make_setup(model, loss_fn, batch, config, learning_rate, tx)
+    return setup_model(Llama, loss_fn, synthetic_batch, config, batch_size, seed, learning_rate, tx)

@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 
 from autoshard.models import gpt
-from autoshard.models.common import Batch, Setup, make_setup
+from autoshard.models.common import Batch, Setup, setup_model
 from autoshard.models.gpt import Attention
 
 TOP_K = 2  # experts per token: GShard's top-2 gating
@@ -272,7 +272,4 @@ def setup(
       >>> metrics["loss"].shape
       ()
     """
-    model_key, data_key = jax.random.split(jax.random.key(seed))
-    model = MoE(config, nnx.Rngs(params=model_key))
-    batch = synthetic_batch(config, batch_size, data_key)
-    return make_setup(model, loss_fn, batch, config, learning_rate, tx)
+    return setup_model(MoE, loss_fn, synthetic_batch, config, batch_size, seed, learning_rate, tx)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from autoshard.models.common import Batch, Setup, make_setup
+from autoshard.models.common import Batch, Setup, setup_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +183,6 @@ def setup(
       >>> state.model_state["stem_bn"]["mean"].shape, metrics["loss"].shape
       ((4,), ())
     """
-    model_key, data_key = jax.random.split(jax.random.key(seed))
-    model = WideResNet(config, nnx.Rngs(params=model_key))
-    batch = synthetic_batch(config, batch_size, data_key)
-    return make_setup(model, loss_fn, batch, config, learning_rate, tx)
+    return setup_model(
+        WideResNet, loss_fn, synthetic_batch, config, batch_size, seed, learning_rate, tx
+    )
