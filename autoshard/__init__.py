@@ -4,11 +4,18 @@
 def train_step(state, batch): ...
 """
 
+from importlib import metadata as _metadata
+
 from autoshard.api import Parallelized, parallelize
 from autoshard.cost_model.hardware import PRESETS, Hardware
 from autoshard.hlo import Collective, collectives, parse_collectives
 from autoshard.plan import Cost, Plan, SolverStats
 from autoshard.search import MemoryBudgetError
+
+try:
+    __version__ = _metadata.version("autoshard")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "PRESETS",
