@@ -2,8 +2,8 @@
 
 A model is split once into a static ``graphdef`` and its ``nnx.Param`` state;
 the train step is then a pure function of ``(TrainState, batch)`` that
-``jax.make_jaxpr`` and ``jax.jit`` accept. ``nnx.Optimizer`` is not used: its
-stateful updates do not trace (see shared/JAX_NOTES.md).
+``jax.make_jaxpr`` and ``jax.jit`` accept. ``nnx.Optimizer`` is not used: it
+updates its state in place, which a pure function of ``(state, batch)`` cannot do.
 """
 
 from collections.abc import Callable
