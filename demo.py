@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     mesh = None if args.mesh == "auto" else tuple(int(x) for x in args.mesh.split(","))
 
-    config = gpt.GPTConfig(vocab=256, d_model=128, n_heads=4, n_layers=2, seq_len=32, d_ff=512)
+    config = gpt.demo()
     s = gpt.setup(config, batch_size=args.batch, learning_rate=3e-3)
     print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind}")
     print(f"model: {config}\n")

@@ -159,7 +159,8 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time) -> Plan:
         comm_bytes[c.kind] = comm_bytes.get(c.kind, 0.0) + c.nbytes
     compute, comm = _search.times(mp, combined)
     memory = mp.memory()
-    cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, memory)
+    by_kind = _search.comm_time_by_kind(mp, combined)
+    cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, memory, by_kind)
     r = mp.result
     stats = SolverStats(
         tuple(mp.mesh.devices.shape),

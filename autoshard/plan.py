@@ -10,6 +10,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
+from autoshard import report
 from autoshard.passes.annotate import Layout
 
 
@@ -21,6 +22,7 @@ class Cost:
     comm_bytes: bytes moved per device, by collective kind.
     collectives: {kind: (count, bytes)} as the compiled program should show them.
     memory: bytes per device: arguments, outputs, activations_peak, total.
+    comm_time_by_kind: communication seconds per step, by collective kind.
     """
 
     time: float
@@ -29,6 +31,7 @@ class Cost:
     comm_bytes: dict[str, float]
     collectives: dict[str, tuple[int, float]]
     memory: dict[str, float]
+    comm_time_by_kind: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,32 +81,48 @@ class Plan:
     inputs: tuple[Entry, ...]
     layout: Layout | None = field(default=None, repr=False)
 
-    def summary(self) -> str:
-        """A readable table: mesh, every input leaf with shape and spec, predicted costs."""
-        mesh = ", ".join(f"{n}={s}" for n, s in self.mesh.shape.items())
-        lines = [f"mesh: ({mesh})  [{len(self.mesh.devices.flat)} devices]"]
-        width = max((len(e.path) for e in self.inputs), default=10)
-        lines.append(f"{'input':<{width}}  {'shape':<16} {'dtype':<8} spec")
-        for e in self.inputs:
-            lines.append(f"{e.path:<{width}}  {str(e.shape):<16} {e.dtype:<8} {_pspec(e.spec)}")
-        c, s = self.cost, self.solver
-        lines.append(
-            f"predicted step: {c.time * 1e3:.3f} ms (compute {c.compute_time * 1e3:.3f} ms, "
-            f"communication {c.comm_time * 1e3:.3f} ms)"
-        )
-        coll = ", ".join(f"{k} x{n} ({_bytes(b)})" for k, (n, b) in sorted(c.collectives.items()))
-        lines.append(f"collectives: {coll or 'none'}")
-        mem = ", ".join(f"{k} {_bytes(v)}" for k, v in c.memory.items())
-        lines.append(f"memory per device: {mem}")
-        lines.append(
-            f"ILP: {s.ilp_nodes} nodes (from {s.graph_nodes} operations), {s.variables} "
-            f"variables, {s.constraints} constraints, solved in {s.solve_time:.2f} s ({s.status}); "
-            f"planning took {s.plan_time:.2f} s"
-        )
-        if len(s.candidates) > 1:
-            cands = ", ".join(f"{k}: {v * 1e3:.3f} ms" for k, v in s.candidates.items())
-            lines.append(f"meshes tried: {cands}")
-        return "\n".join(lines)
+    def summary(self, rich: bool | None = None) -> str:
+        """A readable report: the mesh, one row per parameter (its optimizer moments
+        folded in), every other input leaf, and the predicted costs.
+
+        Args:
+          rich: draw the table with `rich` (None: when it is installed).
+
+        Returns:
+          The report as a string.
+
+        Example:
+          >>> print(step.plan(state, batch).summary())      # doctest: +SKIP
+        """
+        return report.summary(self, rich)
+
+    def diff(self, other: Plan) -> report.PlanDiff:
+        """What changes from this plan to `other`: tensor by tensor, and the predicted
+        step time, memory and collectives. `print()` it for a report.
+
+        Example:
+          >>> print(plan_a.diff(plan_b))                    # doctest: +SKIP
+        """
+        return report.diff(self, other)
+
+    def plot(self):
+        """A matplotlib Figure: the dimension each mesh axis splits, per parameter, and
+        the predicted step time by compute and collective kind (needs matplotlib).
+
+        Example:
+          >>> plan.plot().savefig("plan.png")               # doctest: +SKIP
+        """
+        return report.figure(self)
+
+    def shardings(self):
+        """The plan's input shardings: `NamedSharding` pytrees shaped like the step's
+        arguments (for `jax.device_put`, or as an orbax restore target).
+
+        Example:
+          >>> state_sh, batch_sh = plan.shardings()         # doctest: +SKIP
+        """
+        to_sharding = lambda p: jax.sharding.NamedSharding(self.mesh, p)
+        return jax.tree_util.tree_map(to_sharding, self.in_specs, is_leaf=_is_spec)
 
     def to_json(self) -> str:
         """The plan as JSON: mesh shape and names, specs, costs, solver stats."""
@@ -159,18 +178,6 @@ class Plan:
             SolverStats(**solver),
             entries,
         )
-
-
-def _pspec(p: PartitionSpec) -> str:
-    return "P(" + ", ".join(repr(d) for d in p) + ")"
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"
 
 
 def _spec_json(p: PartitionSpec) -> list:

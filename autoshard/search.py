@@ -304,6 +304,15 @@ def times(mp: MeshPlan, combined) -> tuple[float, float]:
     return max(mp.result.objective - comm, 0.0), comm
 
 
+def comm_time_by_kind(mp: MeshPlan, combined) -> dict[str, float]:
+    """Communication seconds per step of the chosen plan, by collective kind."""
+    mesh, hw = mp.problem.mesh, mp.problem.hw
+    out: dict[str, float] = {}
+    for w, c in combined:
+        out[c.kind] = out.get(c.kind, 0.0) + w * coll.total_time([c], mesh, hw)
+    return out
+
+
 # XLA fuses independent all-reduces over the same devices into one (its all-reduce
 # combiner runs on every backend); other kinds are counted one by one.
 COMBINED_KINDS = (coll.ALL_REDUCE,)

@@ -173,3 +173,32 @@ def setup(
       1
     """
     return setup_model(GPT, loss_fn, synthetic_batch, config, batch_size, seed, learning_rate, tx)
+
+
+def demo() -> GPTConfig:
+    """The GPT that `demo.py`, the notebooks and `autoshard plan` use by default.
+
+    Example:
+      >>> demo().d_model
+      128
+    """
+    return GPTConfig(vocab=256, d_model=128, n_heads=4, n_layers=2, seq_len=32, d_ff=512)
+
+
+def demo_factory(batch_size: int = 16):
+    """(train_step, (state, batch)) of the demo GPT: the factory form the command line
+    takes (`autoshard plan autoshard.models.gpt:demo_factory --mesh 2,4`).
+
+    Args:
+      batch_size: sequences per batch.
+
+    Returns:
+      The adamw train step and its example arguments.
+
+    Example:
+      >>> step, (state, batch) = demo_factory(batch_size=2)
+      >>> batch["tokens"].shape
+      (2, 33)
+    """
+    s = setup(demo(), batch_size=batch_size, learning_rate=3e-3)
+    return s.train_step, (s.state, s.batch)

@@ -70,7 +70,7 @@ def test_summary_and_json_round_trip(tmp_path):
     s = mlp.setup(mlp.MLPConfig(64, 2048, 2), batch_size=8)
     plan = autoshard.parallelize(s.train_step, mesh=(8,)).plan(s.state, s.batch)
     text = plan.summary()
-    assert "['blocks'][0]['w1']['kernel']" in text and "P(None, 'x')" in text
+    assert "blocks.{0,1}.w1.kernel" in text and "P(None, 'x')" in text
     assert "mesh: (x=8)" in text and "ILP:" in text and "all-reduce" in text
     path = tmp_path / "plan.json"
     plan.save(str(path))
