@@ -6,6 +6,7 @@ def train_step(state, batch): ...
 
 from importlib import metadata as _metadata
 
+from autoshard import report
 from autoshard.api import Parallelized, parallelize
 from autoshard.cost_model.hardware import PRESETS, Hardware
 from autoshard.hlo import Collective, collectives, parse_collectives
@@ -18,6 +19,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "__version__",
     "PRESETS",
     "Collective",
     "Cost",
@@ -29,4 +31,5 @@ __all__ = [
     "collectives",
     "parallelize",
     "parse_collectives",
+    "report",
 ]

@@ -414,3 +414,63 @@ def _time_bars(ax, plan: Plan) -> None:
     ax.set_xlabel("predicted step time (ms)")
     ax.set_title(f"step {c.time * 1e3:.3f} ms on {mesh_text(plan)[6:]}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6), ncol=2, fontsize=8)
+
+
+def _axis_sentence(plan: Plan, axis: str, rs: list[Row]) -> str:
+    params = [r for r in rs if r.moments or "params" in components(r.entry.path)]
+    split = [r for r in params if _split_dims(r.entry.spec, axis) >= 0]
+    data = [r.name for r in rs if r not in params and _split_dims(r.entry.spec, axis) >= 0]
+    size = dict(plan.mesh.shape)[axis]
+    parts = []
+    if data:
+        parts.append(f"splits the inputs {', '.join(data)} (data parallel)")
+    if split:
+        dims: dict[int, int] = {}
+        for r in split:
+            d = _split_dims(r.entry.spec, axis)
+            dims[d] = dims.get(d, 0) + 1
+        how = ", ".join(f"{n} on dimension {d}" for d, n in sorted(dims.items()))
+        parts.append(f"splits {len(split)} of {len(params)} parameters ({how})")
+    if not parts:
+        parts.append("splits nothing the step takes in (only intermediates, if anything)")
+    return f"- axis {axis} ({size} devices) " + "; ".join(parts) + "."
+
+
+def explain(plan: Plan) -> str:
+    """The plan in sentences: what each mesh axis splits, where the predicted time goes,
+    memory, and whether the solver proved the plan optimal.
+
+    Args:
+      plan: a Plan (also one read back with `Plan.load`).
+
+    Returns:
+      A few lines of text.
+
+    Example:
+      >>> print(report.explain(plan))                   # doctest: +SKIP
+    """
+    rs = rows(plan.inputs)
+    c, s = plan.cost, plan.solver
+    axes = ", ".join(f"{n}={k}" for n, k in plan.mesh.shape.items())
+    lines = [f"The step runs on mesh ({axes}) over {plan.mesh.devices.size} devices."]
+    lines += [_axis_sentence(plan, a, rs) for a in plan.mesh.axis_names]
+    whole = [r.name for r in rs if r.moments and r.entry.spec == PartitionSpec()]
+    if whole:
+        lines.append(f"- {len(whole)} parameters stay whole on every device (replicated).")
+    share = lambda t: f"{t * 1e3:.3f} ms ({100 * t / c.time:.0f}%)" if c.time else "0 ms"
+    coll = ", ".join(f"{k} {share(t)}" for k, t in sorted(c.comm_time_by_kind.items()))
+    lines.append(
+        f"Predicted step: {c.time * 1e3:.3f} ms = compute {share(c.compute_time)}"
+        + (f" + {coll}." if coll else " (no communication).")
+    )
+    mem = c.memory.get("total")
+    if mem is not None:
+        lines.append(f"Predicted memory: {nbytes_text(mem)} per device.")
+    proof = {
+        "optimal": "the solver proved it the cheapest under the cost model",
+        "time_limit": "the solver stopped at its time limit with the best plan found so far "
+        "(raise time_limit for a proven optimum that every host reproduces)",
+        "fallback": "no better plan than replicating everything was found in the time limit",
+    }.get(s.status, s.status)
+    lines.append(f"Solver: {proof}; {s.variables} variables, {s.solve_time:.2f} s.")
+    return "\n".join(lines)
