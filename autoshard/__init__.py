@@ -6,7 +6,7 @@ def train_step(state, batch): ...
 
 from importlib import metadata as _metadata
 
-from autoshard import report
+from autoshard import checkpoint, report
 from autoshard.api import Parallelized, parallelize
 from autoshard.cost_model.hardware import PRESETS, Hardware
 from autoshard.hlo import Collective, collectives, parse_collectives
@@ -28,6 +28,7 @@ __all__ = [
     "Parallelized",
     "Plan",
     "SolverStats",
+    "checkpoint",
     "collectives",
     "parallelize",
     "parse_collectives",
