@@ -30,7 +30,8 @@ def test_restore_under_other_meshes_and_device_counts(tmp_path):
         restored = checkpoint.restore(tmp_path / "ckpt", plan)
         assert jax.tree.structure(restored) == jax.tree.structure(state)
         target = jax.tree.leaves(checkpoint.restore_target(plan))
-        for got, want, saved in zip(jax.tree.leaves(restored), target, jax.tree.leaves(state)):
+        leaves = zip(jax.tree.leaves(restored), target, jax.tree.leaves(state), strict=True)
+        for got, want, saved in leaves:
             assert got.sharding == want.sharding and got.shape == want.shape
             np.testing.assert_array_equal(np.asarray(got), np.asarray(saved))
         kernel = next(
