@@ -182,7 +182,15 @@ def _table(header: list[str], body: list[list[str]], use_rich: bool | None) -> s
             for r in body:
                 table.add_row(*r)
             out = io.StringIO()
-            Console(file=out, width=400, no_color=True, highlight=False).print(table)
+            console = Console(
+                file=out,
+                width=400,
+                color_system=None,
+                force_terminal=False,
+                force_jupyter=False,
+                highlight=False,
+            )
+            console.print(table)
             return "\n".join(ln.rstrip() for ln in out.getvalue().splitlines()).strip("\n")
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -331,8 +339,9 @@ def diff_text(d: PlanDiff) -> str:
     lines = [d.mesh[0] if d.mesh[0] == d.mesh[1] else f"{d.mesh[0]}  ->  {d.mesh[1]}"]
     if d.changed:
         body = [[c.name, c.before, "->", c.after] for c in d.changed]
+        n = len(d.changed)
         lines += [
-            f"{len(d.changed)} tensors laid out differently:",
+            f"{n} tensor{'s' if n != 1 else ''} laid out differently:",
             _table(["tensor", "before", "", "after"], body, False),
         ]
     else:
