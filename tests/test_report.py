@@ -24,7 +24,7 @@ def test_summary_folds_moments_and_layers(demo_plans):
     for rich in (True, False):
         text = plan.summary(rich=rich)
         lines = text.splitlines()
-        assert len(lines) < 40 < len(plan.inputs), text  # 81 input leaves
+        assert len(lines) < 40 < len(plan.inputs), text  # 117 input leaves
         assert "opt_state[0].mu" not in text and "opt_state[0].nu" not in text
         row = next(ln for ln in lines if "blocks.{0,1}.mlp.w1.kernel" in ln)
         assert report.spec_text(kernel.spec) in row and "mu, nu: same" in row
