@@ -244,6 +244,11 @@ def parallelize(
     time_limit: float = 60.0,
     devices=None,
     memory_budget: float | None = None,
+    static_argnums=(),
+    static_argnames=(),
+    donate_argnames=(),
+    in_shardings=None,
+    out_shardings=None,
 ) -> Any:
     """Run a single-device training step sharded over all visible devices.
 
@@ -267,6 +272,25 @@ def parallelize(
         optimizer state over the data axis (ZeRO/FSDP); if no plan fits,
         `autoshard.MemoryBudgetError` names the least memory reachable and what
         dominates it.
+      static_argnums, static_argnames: arguments that are Python values, not arrays
+        (flags, configs): part of the cache key and closed over, as for `jax.jit`
+        (they must be hashable). Numbers and names are resolved against each other.
+      donate_argnames: donated arguments by name (with donate_argnums, as for `jax.jit`).
+      in_shardings: layouts the user fixes for inputs, as `jax.jit` spells them: one
+        entry per dynamic positional argument (or one for all), each a pytree prefix
+        of that argument with `None` ("choose for me"), a `PartitionSpec` over the
+        planned mesh's axis names, or a `NamedSharding` (its spec is used). The plan
+        is built around them; a pin that cannot hold is a ValueError naming the
+        tensor, dimension and axis. `jax.lax.with_sharding_constraint` inside the
+        step is kept as a pin too.
+      out_shardings: the same for the step's output (a prefix of it).
+
+    Flax NNX modules, optimizers and `nnx.Rngs` may be passed and mutated as under
+    `nnx.jit`: their state is split off, planned and run like any array, and every
+    update is merged back into the objects passed in (see docs/steps.md). Inputs may
+    come in any placement (uncommitted, on one device, sharded on another mesh):
+    they are resharded to the plan's layout on entry, and outputs come back in the
+    layout the next call takes, so the steady state compiles nothing.
 
     Returns:
       A callable with `.plan(*args)` and `.lower(*args)`.
@@ -289,5 +313,23 @@ def parallelize(
             time_limit=time_limit,
             devices=devices,
             memory_budget=memory_budget,
+            static_argnums=static_argnums,
+            static_argnames=static_argnames,
+            donate_argnames=donate_argnames,
+            in_shardings=in_shardings,
+            out_shardings=out_shardings,
         )
-    return Parallelized(fn, mesh, hardware, donate_argnums, time_limit, devices, memory_budget)
+    return Parallelized(
+        fn,
+        mesh,
+        hardware,
+        donate_argnums,
+        time_limit,
+        devices,
+        memory_budget,
+        static_argnums=static_argnums,
+        static_argnames=static_argnames,
+        donate_argnames=donate_argnames,
+        in_shardings=in_shardings,
+        out_shardings=out_shardings,
+    )

@@ -256,14 +256,17 @@ def _check_no_nodes(out) -> None:
 def place(dyn: tuple, shardings: list) -> tuple:
     """dyn with every array leaf laid out as planned: leaves already there are passed
     as they are (no copy, no dispatch); any other placement (uncommitted, one device,
-    another mesh or spec) is resharded with `jax.device_put`. Python scalars and
-    abstract values go through unchanged."""
+    another mesh or spec, numpy, Python scalars) is put there with `jax.device_put`.
+    Abstract values go through unchanged."""
     leaves, tree = jax.tree_util.tree_flatten(dyn)
     out = []
     for x, s in zip(leaves, shardings, strict=True):
-        if isinstance(x, jax.Array) and x.sharding != s:
-            x = jax.device_put(x, s)
-        elif isinstance(x, np.ndarray):
+        if isinstance(x, jax.Array):
+            if x.sharding != s:
+                x = jax.device_put(x, s)
+        elif isinstance(x, (np.ndarray, np.generic, *PY_SCALARS)):
+            # a Python scalar becomes a weakly typed array laid out like the step's
+            # outputs, so that the output fed back next time has the same type
             x = jax.device_put(x, s)
         out.append(x)
     return jax.tree_util.tree_unflatten(tree, out)
