@@ -4,7 +4,7 @@ A call `step(*args, **kwargs)` is split the way `jax.jit` and `nnx.jit` split it
 
 - static arguments (`static_argnums` / `static_argnames`) become part of the cache
   key and are closed over; the rest are *dynamic* entries, traced as arrays;
-- Flax NNX graph nodes (modules, optimizers, `nnx.Rngs`, variables) anywhere in the
+- Flax NNX objects (modules, optimizers, `nnx.Rngs`; see `is_nnx_object`) anywhere in the
   dynamic arguments are split into one `nnx.State` with `nnx.split`, their structure
   (the `GraphDef`) going into the cache key; the pure step merges them into fresh
   objects, runs the user's step, splits them again and returns the new state, which
@@ -150,12 +150,19 @@ def _hashable(value, name: str):
     return value
 
 
+def is_nnx_object(x) -> bool:
+    """A Flax NNX graph node that owns state (module, optimizer, Rngs, nnx.Pytree).
+    A bare Variable is not one: inside an `nnx.State` it is a pytree of its value, as
+    the functional `nnx.split` / `nnx.merge` style passes it (and as jax.jit sees it)."""
+    return graphlib.is_graph_node(x) and not isinstance(x, nnx.Variable)
+
+
 def _extract_nodes(value, name: str, found: dict[int, tuple[int, str, Any]]):
     """value with every graph node replaced by a NodeRef (one index per object)."""
-    leaves, tree = jax.tree_util.tree_flatten_with_path(value, is_leaf=graphlib.is_graph_node)
+    leaves, tree = jax.tree_util.tree_flatten_with_path(value, is_leaf=is_nnx_object)
     out = []
     for path, leaf in leaves:
-        if graphlib.is_graph_node(leaf):
+        if is_nnx_object(leaf):
             if id(leaf) not in found:
                 found[id(leaf)] = (len(found), name + jax.tree_util.keystr(path), leaf)
             leaf = NodeRef(found[id(leaf)][0])
@@ -244,8 +251,8 @@ def _pure(fn: Callable, static: tuple, node_names: tuple[str, ...]) -> Callable:
 
 
 def _check_no_nodes(out) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(out, is_leaf=graphlib.is_graph_node)[0]:
-        if graphlib.is_graph_node(leaf):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(out, is_leaf=is_nnx_object)[0]:
+        if is_nnx_object(leaf):
             raise TypeError(
                 f"autoshard: the step returns an NNX {type(leaf).__name__} at "
                 f"out{jax.tree_util.keystr(path)}; return arrays (or `nnx.state(obj)`) and "
