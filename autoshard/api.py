@@ -17,7 +17,7 @@ from autoshard.mesh import candidate_meshes, default_hardware
 from autoshard.passes.annotate import interpreter
 from autoshard.passes.graph import Lit, build_graph
 from autoshard.passes.trace import trace
-from autoshard.pins import Pins, flat_pins
+from autoshard.pins import user_pins
 from autoshard.plan import Cost, Entry, Plan, SolverStats
 
 # Fraction of device memory a default budget leaves free for what the memory model does
@@ -84,7 +84,7 @@ class Parallelized:
         traced = trace(call.pure, call.dyn, call.names)
         self.trace_count += 1
         graph = build_graph(traced)
-        pins = self._pins(call, traced, graph)
+        pins = user_pins(call, traced, graph, self.in_shardings, self.out_shardings)
         meshes = candidate_meshes(self.mesh, self.devices, self.hardware)
         meshes, pinned = pins.usable(graph, meshes)
         donated = _donated_leaves(traced, call.donated)
@@ -117,41 +117,6 @@ class Parallelized:
             donate_argnums=call.donated,
         )
         return plan, jitted, flat_in
-
-    def _pins(self, call, traced, graph) -> Pins:
-        """The user's in_shardings/out_shardings as (value id, path, pin) per leaf."""
-        nnx_state = call.graphdef is not None
-        positional = [
-            k for k, w in enumerate(call.static[2]) if isinstance(w, int)
-        ]  # dyn entries (after the NNX state) that are positional arguments
-        per_entry = [None] * len(call.dyn)
-        if self.in_shardings is not None:
-            given = self.in_shardings
-            if not isinstance(given, tuple | list):
-                given = [given] * len(positional)
-            if len(given) != len(positional):
-                raise ValueError(
-                    f"autoshard: in_shardings has {len(given)} entries but the step is called "
-                    f"with {len(positional)} dynamic positional arguments: give one per "
-                    "argument (None to let autoshard choose), as for jax.jit."
-                )
-            for k, pin in zip(positional, given, strict=True):
-                per_entry[k + nnx_state] = pin
-        flat_in = []
-        for k, (entry, pin) in enumerate(zip(call.dyn, per_entry, strict=True)):
-            if pin is not None and _boundary.has_nodes(entry):
-                raise ValueError(
-                    f"autoshard: in_shardings pins argument '{call.names[k]}', which holds Flax "
-                    "NNX objects: pin their layout with jax.lax.with_sharding_constraint inside "
-                    "the step, or pass None for it."
-                )
-            flat_in += flat_pins(pin, entry, "in_shardings", f"argument '{call.names[k]}'")
-        out_prefix = (self.out_shardings, None) if nnx_state else self.out_shardings
-        out_shape = jax.tree_util.tree_unflatten(traced.out_tree, list(traced.out_avals))
-        flat_out = flat_pins(out_prefix, out_shape, "out_shardings", "the step's output")
-        ins = zip(graph.inputs, traced.in_paths, flat_in, strict=True)
-        outs = zip(graph.outputs, traced.out_paths, flat_out, strict=True)
-        return Pins(tuple(ins), tuple(outs))
 
     def plan(self, *args, **kwargs) -> Plan:
         """The plan for these arguments (arrays or ShapeDtypeStructs), without running."""

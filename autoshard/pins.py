@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from autoshard.boundary import Call, has_nodes
 from autoshard.cost_model.resharding import Spec
 from autoshard.passes.graph import Lit, OpGraph
+from autoshard.passes.trace import Traced
 
 
 class PinError(ValueError):
@@ -90,6 +92,8 @@ class Pins:
         """value id -> spec on this mesh, for every pin (raises PinError)."""
         out: dict[int, Spec] = {}
         pinned = [*self.inputs, *self.outputs]
+        # constraints inside the step come last: where one names an output, it holds
+        # inside and the output is resharded to its own pin on the way out
         pinned += [
             (n.outputs[0], f"with_sharding_constraint #{k}", n.params["sharding"])
             for k, n in enumerate(x for x in graph.nodes if x.name == "sharding_constraint")
@@ -138,3 +142,48 @@ def restrict(units: list, graph: OpGraph, pinned: dict[int, Spec]) -> list:
                 "dimension, listed in mesh order)."
             )
     return units
+
+
+def _per_entry(call: Call, in_shardings) -> list:
+    """in_shardings (one entry per dynamic positional argument, or one for all) as one
+    pin prefix per dynamic entry of the call."""
+    nnx_state = call.graphdef is not None
+    positional = [k + nnx_state for k, w in enumerate(call.static[2]) if isinstance(w, int)]
+    per_entry = [None] * len(call.dyn)
+    if in_shardings is None:
+        return per_entry
+    given = in_shardings
+    if is_pin(given) or not isinstance(given, tuple | list):
+        given = [given] * len(positional)
+    if len(given) != len(positional):
+        raise ValueError(
+            f"autoshard: in_shardings has {len(given)} entries but the step is called with "
+            f"{len(positional)} dynamic positional arguments: give one per argument (None to "
+            "let autoshard choose), as for jax.jit."
+        )
+    for k, pin in zip(positional, given, strict=True):
+        if pin is not None and has_nodes(call.dyn[k]):
+            raise ValueError(
+                f"autoshard: in_shardings pins argument '{call.names[k]}', which holds Flax NNX "
+                "objects: pin their layout with jax.lax.with_sharding_constraint inside the "
+                "step, or pass None for it."
+            )
+        per_entry[k] = pin
+    return per_entry
+
+
+def user_pins(call: Call, traced: Traced, graph: OpGraph, in_shardings, out_shardings) -> Pins:
+    """The user's in_shardings/out_shardings as (value id, path, pin) per flat leaf.
+
+    Example:
+      >>> pins = user_pins(call, traced, graph, (None, P("x")), None)  # doctest: +SKIP
+    """
+    flat_in = []
+    for k, (entry, pin) in enumerate(zip(call.dyn, _per_entry(call, in_shardings), strict=True)):
+        flat_in += flat_pins(pin, entry, "in_shardings", f"argument '{call.names[k]}'")
+    out_prefix = (out_shardings, None) if call.graphdef is not None else out_shardings
+    out_shape = jax.tree_util.tree_unflatten(traced.out_tree, list(traced.out_avals))
+    flat_out = flat_pins(out_prefix, out_shape, "out_shardings", "the step's output")
+    ins = zip(graph.inputs, traced.in_paths, flat_in, strict=True)
+    outs = zip(graph.outputs, traced.out_paths, flat_out, strict=True)
+    return Pins(tuple(ins), tuple(outs))

@@ -45,13 +45,18 @@ def key_data(tree):
     return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
 
 
-@pytest.mark.parametrize("raw", [False, True], ids=["typed", "raw"])
-def test_dropout_step_with_keys_matches_jit(raw):
+@pytest.mark.parametrize(
+    "raw,partitionable", [(False, True), (True, True), (False, False)], ids=str
+)
+def test_dropout_step_with_keys_matches_jit(raw, partitionable):
+    """Typed and raw uint32[2] keys; with or without jax_threefry_partitionable (the
+    bits are the same numbers either way, only how XLA computes them differs)."""
     params, x = wide_params(), jax.random.normal(jax.random.key(2), (8, 64))
     key = jax.random.PRNGKey(7) if raw else jax.random.key(7)
-    step = autoshard.parallelize(dropout_step, mesh=(8,), hardware=CPU)
-    ref = jax.jit(dropout_step)(params, x, key, 3)
-    out = step(params, x, key, 3)
+    with jax.threefry_partitionable(partitionable):
+        step = autoshard.parallelize(dropout_step, mesh=(8,), hardware=CPU)
+        ref = jax.jit(dropout_step)(params, x, key, 3)
+        out = step(params, x, key, 3)
     assert_close(key_data(out), key_data(ref), atol=1e-6)  # keys out are the same keys
     plan = step.plan(params, x, key, 3)
     assert_sharded(plan, "['w1']")  # Megatron: the hidden dimension is split
@@ -78,10 +83,10 @@ def test_key_intermediates_split_and_seed():
 
 class Net(nnx.Module):
     def __init__(self, rngs):
-        self.l1 = nnx.Linear(16, 512, use_bias=False, rngs=rngs)  # BatchNorm follows
-        self.bn = nnx.BatchNorm(512, rngs=rngs)
+        self.l1 = nnx.Linear(16, 256, use_bias=False, rngs=rngs)  # BatchNorm follows
+        self.bn = nnx.BatchNorm(256, rngs=rngs)
         self.drop = nnx.Dropout(0.2, rngs=rngs)
-        self.l2 = nnx.Linear(512, 4, rngs=rngs)
+        self.l2 = nnx.Linear(256, 4, rngs=rngs)
 
     def __call__(self, x):
         return self.l2(self.drop(nnx.relu(self.bn(self.l1(x)))))
@@ -260,11 +265,12 @@ def test_input_output_and_constraint_pins_are_kept():
 
 def test_pins_that_cannot_hold_name_tensor_dimension_and_axis():
     params, x = wide_params(), jnp.ones((6, 64))
-    bad = autoshard.parallelize(
-        lambda p, x: x @ p["w1"], mesh=(8,), in_shardings=(None, P("x"))
-    )
+    bad = autoshard.parallelize(lambda p, x: x @ p["w1"], mesh=(8,), in_shardings=(None, P("x")))
     with pytest.raises(ValueError, match=r"on x \[6, 64\] cannot hold: dimension 0 \(size 6\)"):
         bad.plan(params, x)
+    # one pin for every argument, as jax.jit takes it: everything whole
+    whole = autoshard.parallelize(lambda p, x: x @ p["w1"], mesh=(8,), in_shardings=P())
+    assert [e.spec for e in whole.plan(params, x).inputs] == [P(), P(), P()]
     unknown = autoshard.parallelize(lambda p, x: x, mesh=(8,), in_shardings=(None, P("data")))
     with pytest.raises(ValueError, match="names mesh axis 'data'.*axes \\('x',\\)"):
         unknown.plan(params, x)
