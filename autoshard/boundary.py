@@ -171,7 +171,25 @@ def _extract_nodes(value, name: str, found: dict[int, tuple[int, str, Any]]):
 
 
 def split_call(fn: Callable, conv: Conventions, args: tuple, kwargs: dict) -> Call:
-    """Split one call into static and dynamic parts (see the module docstring)."""
+    """Split one call into static and dynamic parts (see the module docstring).
+
+    Args:
+      fn: the user's step.
+      conv: its resolved calling conventions.
+      args, kwargs: the call's arguments.
+
+    Returns:
+      A Call: `call.pure(*call.dyn)` runs the step on the dynamic entries alone, and
+      `call.finish(result)` merges NNX updates back and gives the user's output.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> step = lambda w, x, train: w * x if train else w
+      >>> call = split_call(step, conventions(step, static_argnames="train"),
+      ...                   (jnp.ones(2),), {"x": 3.0, "train": True})
+      >>> call.names, call.pure(*call.dyn).tolist()
+      (('w', 'x'), [3.0, 3.0])
+    """
     entries, statics = [], []
     for i, a in enumerate(args):
         name = conv.params[i] if i < len(conv.params) else f"arg{i}"
@@ -202,9 +220,12 @@ def split_call(fn: Callable, conv: Conventions, args: tuple, kwargs: dict) -> Ca
 
 
 def has_nodes(value) -> bool:
-    """Whether value holds NNX graph nodes (or is the NNX state entry)."""
-    if isinstance(value, nnx.State):
-        return True
+    """Whether an argument (as split_call leaves it) held NNX objects.
+
+    Example:
+      >>> has_nodes({"model": NodeRef(0), "lr": 0.1}), has_nodes({"lr": 0.1})
+      (True, False)
+    """
     leaves = jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, NodeRef))
     return any(isinstance(x, NodeRef) for x in leaves)
 
@@ -261,10 +282,18 @@ def _check_no_nodes(out) -> None:
 
 
 def place(dyn: tuple, shardings: list) -> tuple:
-    """dyn with every array leaf laid out as planned: leaves already there are passed
-    as they are (no copy, no dispatch); any other placement (uncommitted, one device,
-    another mesh or spec, numpy, Python scalars) is put there with `jax.device_put`.
-    Abstract values go through unchanged."""
+    """dyn with every array leaf laid out as planned (shardings: one per leaf).
+
+    Leaves already there are passed as they are (no copy, no dispatch); any other
+    placement (uncommitted, one device, another mesh or spec, numpy, Python scalars)
+    is put there with `jax.device_put`. Abstract values go through unchanged.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> s = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      >>> place((jnp.ones(2), 1.5), [s, s])[1].weak_type
+      True
+    """
     leaves, tree = jax.tree_util.tree_flatten(dyn)
     out = []
     for x, s in zip(leaves, shardings, strict=True):

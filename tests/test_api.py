@@ -154,8 +154,9 @@ def test_unknown_primitive_is_replicated_with_a_warning():
 
 def test_docstring_examples():
     import autoshard.api
+    import autoshard.boundary
     import autoshard.cost_model.hardware
 
-    for mod in (autoshard.api, autoshard.cost_model.hardware):
+    for mod in (autoshard.api, autoshard.boundary, autoshard.cost_model.hardware):
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0
