@@ -10,12 +10,14 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from autoshard import boundary as _boundary
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
 from autoshard.mesh import candidate_meshes, default_hardware
 from autoshard.passes.annotate import interpreter
-from autoshard.passes.graph import build_graph
+from autoshard.passes.graph import Lit, build_graph
 from autoshard.passes.trace import trace
+from autoshard.pins import user_pins
 from autoshard.plan import Cost, Entry, Plan, SolverStats
 
 # Fraction of device memory a default budget leaves free for what the memory model does
@@ -35,6 +37,12 @@ class Parallelized:
         time_limit=60.0,
         devices=None,
         memory_budget=None,
+        *,
+        static_argnums=(),
+        static_argnames=(),
+        donate_argnames=(),
+        in_shardings=None,
+        out_shardings=None,
     ):
         functools.update_wrapper(self, fn)
         self.fn = fn
@@ -45,9 +53,13 @@ class Parallelized:
             raise TypeError(
                 f"autoshard: hardware must be an autoshard.Hardware, got {type(hardware).__name__}"
             )
-        self.donate_argnums = (
-            (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
+        if mesh is not None:  # a bad mesh is an error here, not at the first call
+            candidate_meshes(mesh, self.devices, self.hardware)
+        self.conventions = _boundary.conventions(
+            fn, static_argnums, static_argnames, donate_argnums, donate_argnames
         )
+        self.donate_argnums = tuple(sorted(self.conventions.donate_argnums))
+        self.in_shardings, self.out_shardings = in_shardings, out_shardings
         self.time_limit = time_limit
         if memory_budget is not None and not memory_budget > 0:
             raise ValueError(
@@ -59,37 +71,32 @@ class Parallelized:
         self.trace_count = 0
         self.solve_count = 0
 
-    def _signature(self, args) -> tuple:
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        key = []
-        for x in leaves:
-            if hasattr(x, "shape") and hasattr(x, "dtype"):
-                key.append(
-                    (tuple(x.shape), str(np.dtype(x.dtype)), bool(getattr(x, "weak_type", False)))
-                )
-            else:
-                key.append((type(x).__name__,))
-        return tree, tuple(key)
-
-    def _entry(self, args):
-        sig = self._signature(args)
+    def _entry(self, args, kwargs=None):
+        """(call, (plan, jitted, flat input shardings)) for these arguments."""
+        call = _boundary.split_call(self.fn, self.conventions, args, kwargs or {})
+        sig = call.signature()
         if sig not in self._cache:
-            self._cache[sig] = self._plan_and_build(args)
-        return self._cache[sig]
+            self._cache[sig] = self._plan_and_build(call)
+        return call, self._cache[sig]
 
-    def _plan_and_build(self, args):
+    def _plan_and_build(self, call):
         t0 = time.perf_counter()
-        traced = trace(self.fn, args)
+        traced = trace(call.pure, call.dyn, call.names)
         self.trace_count += 1
         graph = build_graph(traced)
+        pins = user_pins(call, traced, graph, self.in_shardings, self.out_shardings)
         meshes = candidate_meshes(self.mesh, self.devices, self.hardware)
-        donated = _donated_leaves(traced, self.donate_argnums)
+        meshes, pinned = pins.usable(graph, meshes)
+        donated = _donated_leaves(traced, call.donated)
         budget = self.memory_budget
         if budget is None:
             budget = self.hardware.memory * (1 - MEMORY_HEADROOM)
-        mp, tried = _search.search(graph, meshes, self.hardware, self.time_limit, budget, donated)
+        mp, tried = _search.search(
+            graph, meshes, self.hardware, self.time_limit, budget, donated, pinned
+        )
         self.solve_count += 1
-        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0)
+        out_pins = {v: p for v, _, p in pins.outputs if p is not None}
+        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
         run = interpreter(graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)
@@ -107,24 +114,26 @@ class Parallelized:
             step,
             in_shardings=tuple(in_sh),
             out_shardings=out_sh,
-            donate_argnums=self.donate_argnums,
+            donate_argnums=call.donated,
         )
-        return plan, jitted
+        return plan, jitted, flat_in
 
-    def plan(self, *args) -> Plan:
+    def plan(self, *args, **kwargs) -> Plan:
         """The plan for these arguments (arrays or ShapeDtypeStructs), without running."""
-        return self._entry(args)[0]
+        return self._entry(args, kwargs)[1][0]
 
-    def lower(self, *args):
+    def lower(self, *args, **kwargs):
         """jax Lowered of the sharded step: `.compile().as_text()` shows the collectives."""
-        return self._entry(args)[1].lower(*args)
+        call, (_, jitted, _) = self._entry(args, kwargs)
+        return jitted.lower(*call.dyn)
 
-    def __call__(self, *args):
-        return self._entry(args)[1](*args)
+    def __call__(self, *args, **kwargs):
+        call, (_, jitted, shardings) = self._entry(args, kwargs)
+        return call.finish(jitted(*_boundary.place(call.dyn, shardings)))
 
 
 def _donated_leaves(traced, donate_argnums) -> frozenset[int]:
-    """Flat input indices of the leaves of the donated arguments."""
+    """Flat input indices of the leaves of the donated (dynamic) arguments."""
     counts = [t.num_leaves for t in traced.in_tree.children()]
     starts = np.cumsum([0, *counts])
     return frozenset(
@@ -140,7 +149,7 @@ def _flat_out_specs(plan: Plan):
     return jax.tree_util.tree_leaves(plan.out_specs, is_leaf=_is_p)
 
 
-def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time) -> Plan:
+def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time, out_pins=None) -> Plan:
     layout = mp.layout()
     names = mp.mesh.axis_names
     traced = graph.traced
@@ -149,6 +158,10 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time) -> Plan:
         s if s is not None else jax.sharding.PartitionSpec()
         for s in _search.specs_of(graph.outputs, layout, names)
     ]
+    for k, v in enumerate(graph.outputs):  # a pinned output is resharded to its pin
+        pin = (out_pins or {}).get(v) if not isinstance(v, Lit) else None
+        if pin is not None:
+            out_flat[k] = pin.spec if isinstance(pin, NamedSharding) else pin
     preds = _search.predicted_collectives(mp, layout)
     collectives: dict[str, tuple[int, float]] = {}
     comm_bytes: dict[str, float] = {}
@@ -174,7 +187,7 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time) -> Plan:
         tried,
     )
     entries = tuple(
-        Entry(p, tuple(a.shape), str(np.dtype(a.dtype)), s)
+        Entry(p, tuple(a.shape), str(a.dtype), s)
         for p, a, s in zip(traced.in_paths, traced.in_avals, in_flat, strict=True)
     )
     return Plan(
@@ -197,6 +210,11 @@ def parallelize(
     time_limit: float = 60.0,
     devices=None,
     memory_budget: float | None = None,
+    static_argnums=(),
+    static_argnames=(),
+    donate_argnames=(),
+    in_shardings=None,
+    out_shardings=None,
 ) -> Any:
     """Run a single-device training step sharded over all visible devices.
 
@@ -220,6 +238,25 @@ def parallelize(
         optimizer state over the data axis (ZeRO/FSDP); if no plan fits,
         `autoshard.MemoryBudgetError` names the least memory reachable and what
         dominates it.
+      static_argnums, static_argnames: arguments that are Python values, not arrays
+        (flags, configs): part of the cache key and closed over, as for `jax.jit`
+        (they must be hashable). Numbers and names are resolved against each other.
+      donate_argnames: donated arguments by name (with donate_argnums, as for `jax.jit`).
+      in_shardings: layouts the user fixes for inputs, as `jax.jit` spells them: one
+        entry per dynamic positional argument (or one for all), each a pytree prefix
+        of that argument with `None` ("choose for me"), a `PartitionSpec` over the
+        planned mesh's axis names, or a `NamedSharding` (its spec is used). The plan
+        is built around them; a pin that cannot hold is a ValueError naming the
+        tensor, dimension and axis. `jax.lax.with_sharding_constraint` inside the
+        step is kept as a pin too.
+      out_shardings: the same for the step's output (a prefix of it).
+
+    Flax NNX modules, optimizers and `nnx.Rngs` may be passed and mutated as under
+    `nnx.jit`: their state is split off, planned and run like any array, and every
+    update is merged back into the objects passed in (see docs/steps.md). Inputs may
+    come in any placement (uncommitted, on one device, sharded on another mesh):
+    they are resharded to the plan's layout on entry, and outputs come back in the
+    layout the next call takes, so the steady state compiles nothing.
 
     Returns:
       A callable with `.plan(*args)` and `.lower(*args)`.
@@ -242,5 +279,23 @@ def parallelize(
             time_limit=time_limit,
             devices=devices,
             memory_budget=memory_budget,
+            static_argnums=static_argnums,
+            static_argnames=static_argnames,
+            donate_argnames=donate_argnames,
+            in_shardings=in_shardings,
+            out_shardings=out_shardings,
         )
-    return Parallelized(fn, mesh, hardware, donate_argnums, time_limit, devices, memory_budget)
+    return Parallelized(
+        fn,
+        mesh,
+        hardware,
+        donate_argnums,
+        time_limit,
+        devices,
+        memory_budget,
+        static_argnums=static_argnums,
+        static_argnames=static_argnames,
+        donate_argnames=donate_argnames,
+        in_shardings=in_shardings,
+        out_shardings=out_shardings,
+    )

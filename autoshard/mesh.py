@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 
@@ -40,7 +41,7 @@ def candidate_meshes(mesh, devices, hw: Hardware) -> list[jax.sharding.Mesh]:
         _check_axes(mesh.devices.shape, hw)
         types = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
         return [jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=types)]
-    shape = tuple(int(s) for s in mesh)
+    shape = _mesh_shape(mesh)
     if not shape or any(s < 1 for s in shape) or len(shape) > 3:
         raise ValueError(f"autoshard: mesh={mesh!r}: give 1 to 3 positive axis sizes, e.g. (2, 4).")
     if math.prod(shape) != n:
@@ -59,3 +60,17 @@ def _check_axes(shape, hw: Hardware) -> None:
             f"autoshard: hardware '{hw.name}' gives per-axis numbers for {k} mesh axes but the "
             f"mesh {tuple(shape)} has {len(shape)}: give one bandwidth/latency per axis."
         )
+
+
+def _mesh_shape(mesh) -> tuple[int, ...]:
+    """parallelize's mesh= as a shape tuple; anything else says what is expected."""
+    expected = (
+        "give None (autoshard chooses), a tuple of axis sizes such as (2, 4), or a "
+        "jax.sharding.Mesh"
+    )
+    if isinstance(mesh, str | bytes) or not hasattr(mesh, "__iter__"):
+        raise ValueError(f"autoshard: mesh={mesh!r} is not a mesh shape: {expected}.")
+    shape = tuple(mesh)
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape):
+        raise ValueError(f"autoshard: mesh={mesh!r} has a non-integer axis size: {expected}.")
+    return tuple(int(s) for s in shape)

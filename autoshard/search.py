@@ -17,6 +17,7 @@ from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
 from autoshard.passes.liveness import Liveness
 from autoshard.passes.simplify import Problem, build_request, decode, merge_followers
 from autoshard.passes.strategies import enumerate_strategies, op_info, source_strategies
+from autoshard.pins import restrict
 
 # A larger mesh must be cheaper by this fraction to win over a smaller one that ties.
 MESH_TIE_BREAK = 1e-6
@@ -110,13 +111,15 @@ def solve_on_mesh(
     time_limit: float,
     budget: float | None = None,
     donated: frozenset[int] = frozenset(),
+    pinned: dict | None = None,
 ) -> MeshPlan:
     """The cheapest plan on one mesh; with a budget, the cheapest whose per-device
-    memory stays within it (result status "infeasible" if none does)."""
+    memory stays within it (result status "infeasible" if none does). pinned: value
+    id -> spec the user fixed (autoshard.pins)."""
     desc = MeshDesc(tuple(mesh.devices.shape), tuple(mesh.axis_names))
-    units = [
-        source_strategies(graph.values[v].shape, graph.values[v].nbytes, desc, hw)
-        for v in graph.inputs
+    units = [  # a PRNG key input stays whole
+        source_strategies(info.shape, info.nbytes, desc, hw, info.is_key)
+        for info in (graph.values[v] for v in graph.inputs)
     ]
     units += [source_strategies(graph.values[v].shape, 0, desc, hw, True) for v, _ in graph.consts]
     feeds = feeds_contraction(graph)
@@ -125,6 +128,8 @@ def solve_on_mesh(
         enumerate_strategies(op_info(graph, n, not feeds[n.id] and n.weight == 1), desc, hw)
         for n in graph.nodes
     ]
+    if pinned:
+        units = restrict(units, graph, pinned)
     problem = merge_followers(graph, units, desc, hw)
     request = build_request(problem, time_limit)
     live = Liveness(problem, donated)
@@ -243,12 +248,15 @@ def search(
     time_limit: float,
     budget: float | None = None,
     donated: frozenset[int] = frozenset(),
+    pinned: list | None = None,
 ) -> tuple[MeshPlan, dict[str, float]]:
     """Solve on every mesh; the cheapest plan within the budget wins, the earlier
-    (smaller) mesh on ties. Raises MemoryBudgetError if no mesh has one."""
+    (smaller) mesh on ties. Raises MemoryBudgetError if no mesh has one. pinned: per
+    mesh, value id -> spec the user fixed."""
     best, tried, over = None, {}, []
-    for mesh in meshes:
-        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated)
+    pinned = pinned or [None] * len(meshes)
+    for mesh, pins in zip(meshes, pinned, strict=True):
+        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated, pins)
         if mp.result.status == "infeasible":
             over.append(mp)
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 
 GiB = 1024**3
@@ -46,6 +47,11 @@ class Hardware:
         one computes; Zhao et al. 2023, "PyTorch FSDP"). 0 charges it in full, as on
         the CPU backend, whose collectives are synchronous.
 
+    Every figure is checked when the Hardware is made: flops, bandwidth, memory and
+    memory_bandwidth must be positive numbers; latency may be 0 (an idealised
+    interconnect) but not negative; prefetch_overlap lies in [0, 1]. A bad figure is
+    a ValueError naming the field.
+
     Example:
       >>> from autoshard import Hardware
       >>> hw = Hardware(flops=1e12, bandwidth=(1e9, 1e10), latency=1e-5, memory=16 * 2**30)
@@ -61,6 +67,16 @@ class Hardware:
     name: str = "custom"
     reduce_scatter: bool = True
     prefetch_overlap: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field_name in ("flops", "bandwidth", "latency", "memory", "memory_bandwidth"):
+            _check_figure(self.name, field_name, getattr(self, field_name))
+        overlap = self.prefetch_overlap
+        if not _is_number(overlap) or not 0.0 <= overlap <= 1.0:
+            raise ValueError(
+                f"Hardware '{self.name}': prefetch_overlap={overlap!r} must be a fraction "
+                "in [0, 1]."
+            )
 
     def _per_axis(self, value, axis: int) -> float:
         if isinstance(value, tuple | list):
@@ -87,6 +103,33 @@ class Hardware:
 
     def with_(self, **changes) -> Hardware:
         return replace(self, **changes)
+
+
+# Figures that may be zero (an idealised link has no fixed cost); the rest must be > 0.
+MAY_BE_ZERO = frozenset({"latency"})
+MAY_BE_PER_AXIS = frozenset({"bandwidth", "latency"})
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_figure(name: str, field_name: str, value) -> None:
+    """One number, or (bandwidth, latency) one per mesh axis; positive (latency >= 0)."""
+    values = value if isinstance(value, tuple | list) else (value,)
+    if not values or not all(_is_number(v) for v in values):
+        raise ValueError(
+            f"Hardware '{name}': {field_name}={value!r} is not a number: give a finite number"
+            + (
+                " or a tuple with one per mesh axis."
+                if field_name in ("bandwidth", "latency")
+                else "."
+            )
+        )
+    low_ok = field_name in MAY_BE_ZERO
+    if any(v < 0 or (v == 0 and not low_ok) for v in values):
+        need = "0 or more" if low_ok else "a positive number"
+        raise ValueError(f"Hardware '{name}': {field_name}={value!r} must be {need}.")
 
 
 # Public spec-sheet numbers (dense bf16 peak, per-chip HBM; interconnect per device and

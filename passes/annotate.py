@@ -144,6 +144,10 @@ def interpreter(graph: OpGraph, layout: Layout, mesh: jax.sharding.Mesh):
             ins = [operand(env, node, pos) for pos in range(len(node.inputs))]
             if layout.scatters and layout.scatters[node.id] and node.name in SCATTERABLE:
                 outs = scattered(node, ins)
+            elif node.name == "sharding_constraint":
+                # a user pin: the plan gives this value the pinned layout (autoshard.pins),
+                # applied below on the planned mesh rather than the step's own
+                outs = ins
             else:
                 outs = jax_core.bind(node.primitive, ins, node.params)
             for v, x in zip(node.outputs, outs, strict=True):

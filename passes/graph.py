@@ -32,13 +32,26 @@ class Lit:
 
 @dataclass(frozen=True)
 class ValueInfo:
+    """One value: shape, dtype (a numpy dtype, or a jax PRNG key dtype such as
+    `key<fry>`, which numpy cannot interpret) and a readable name."""
+
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: Any
     name: str = ""
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def is_key(self) -> bool:
+        """A typed PRNG key array: kept whole on every device."""
+        return is_key_dtype(self.dtype)
+
+
+def is_key_dtype(dtype: Any) -> bool:
+    """Whether dtype is a jax PRNG key dtype (`key<fry>`, `key<rbg>`, ...)."""
+    return jax_core.is_key_dtype(dtype)
 
 
 @dataclass(frozen=True)
@@ -155,7 +168,7 @@ class _Builder:
         return n.id
 
     def value(self, aval: Any, name: str = "") -> int:
-        self.values.append(ValueInfo(tuple(aval.shape), np.dtype(aval.dtype), name))
+        self.values.append(ValueInfo(tuple(aval.shape), jax_core.value_dtype(aval.dtype), name))
         return len(self.values) - 1
 
     def read(self, env: dict, atom: Any) -> int | Lit:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from jax import dtypes as jdt
 from jax.extend import core as jex
 
 ClosedJaxpr = jex.ClosedJaxpr
@@ -57,3 +59,13 @@ def bind(primitive: Primitive, invals: list[Any], params: dict[str, Any]) -> lis
     else:
         out = primitive.bind(*invals, **bind_params)
     return list(out) if primitive.multiple_results else [out]
+
+
+def is_key_dtype(dtype: Any) -> bool:
+    """A typed PRNG key dtype (`key<fry>`): numpy cannot interpret it."""
+    return jdt.issubdtype(dtype, jdt.prng_key)
+
+
+def value_dtype(dtype: Any) -> Any:
+    """A numpy dtype, or the jax key dtype itself (it has `itemsize` and `str`)."""
+    return dtype if is_key_dtype(dtype) else np.dtype(dtype)

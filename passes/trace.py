@@ -62,17 +62,24 @@ def to_abstract(leaf: Any, path: str) -> Any:
     )
 
 
-def trace(fn: Any, args: tuple) -> Traced:
+def trace(fn: Any, args: tuple, names: tuple[str, ...] | None = None) -> Traced:
     """Trace fn(*args) to a closed jaxpr.
 
     Args:
       fn: the single-device step.
       args: its positional arguments (arrays or ShapeDtypeStructs, any pytree).
+      names: a name per argument for the leaf paths (default: fn's parameter names).
 
     Returns:
       A Traced record with the jaxpr and the flat input/output paths and avals.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> t = trace(lambda w, x: x @ w, (jnp.ones((4, 2)), jnp.ones((3, 4))))
+      >>> t.in_paths, t.out_avals[0].shape
+      (('w', 'x'), (3, 2))
     """
-    names = arg_names(fn, len(args))
+    names = list(names) if names is not None else arg_names(fn, len(args))
     leaves, in_tree = jax.tree_util.tree_flatten(args)
     paths = leaf_paths(args, names)
     leaves = [to_abstract(x, p) for x, p in zip(leaves, paths, strict=True)]

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
-from util import assert_close, run_both
+from util import assert_close, assert_sharded, run_both
 
 import autoshard
 from autoshard.models import mlp
@@ -112,14 +112,17 @@ def test_non_array_leaf_is_a_clear_error():
 
 @pytest.mark.parametrize("batch", [12, 1, 3])
 def test_non_divisible_batches_run_correctly(batch):
-    s = mlp.setup(mlp.tiny(), batch_size=batch, tx=optax.sgd(0.1))
+    # a wide hidden layer: the plan splits it (Megatron) while the batch stays whole
+    s = mlp.setup(mlp.MLPConfig(64, 1024, 1), batch_size=batch, tx=optax.sgd(0.1))
     out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=(8,))
     assert_close(out, ref, atol=2e-6)
-    spec = step.plan(s.state, s.batch).in_specs[1]["x"]
-    assert batch % 8 == 0 or "x" not in jax.tree.leaves(tuple(spec))
+    plan = step.plan(s.state, s.batch)
+    assert_sharded(plan, "['w1']['kernel']")
+    assert "x" not in jax.tree.leaves(tuple(plan.in_specs[1]["x"]))
 
 
 def test_python_scalar_arguments():
+    # replication on purpose: an 8x8 weight is not worth splitting; this checks scalars
     def step(w, lr):
         return w - lr * jax.grad(lambda w: jnp.sum(w**2))(w)
 
@@ -151,8 +154,9 @@ def test_unknown_primitive_is_replicated_with_a_warning():
 
 def test_docstring_examples():
     import autoshard.api
+    import autoshard.boundary
     import autoshard.cost_model.hardware
 
-    for mod in (autoshard.api, autoshard.cost_model.hardware):
+    for mod in (autoshard.api, autoshard.boundary, autoshard.cost_model.hardware):
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0

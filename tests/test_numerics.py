@@ -4,7 +4,15 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from util import ADAM_ATOL, CPU, assert_close, compiled_vs_predicted, run_both, spec_of
+from util import (
+    ADAM_ATOL,
+    CPU,
+    assert_close,
+    assert_sharded,
+    compiled_vs_predicted,
+    run_both,
+    spec_of,
+)
 
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.hardware import MeshDesc
@@ -18,7 +26,8 @@ MESH8 = MeshDesc((8,), ("x",))
 
 @pytest.fixture(scope="module")
 def mlp_setup():
-    return mlp.setup(mlp.tiny(), batch_size=16)
+    # a batch of 64 makes data parallelism pay off: the plans split (at 16 they do not)
+    return mlp.setup(mlp.tiny(), batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +38,10 @@ def gpt_setup():
 @pytest.mark.parametrize("mesh", MESHES, ids=str)
 def test_mlp_adamw_matches_single_device(mlp_setup, mesh):
     s = mlp_setup
-    out, ref, _ = run_both(s.train_step, s.state, s.batch, mesh=mesh)
+    out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=mesh)
     assert_close(out[1], ref[1], atol=1e-6)  # loss
     assert_close(out[0], ref[0], atol=ADAM_ATOL)
+    assert_sharded(step.plan(s.state, s.batch))
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=str)
@@ -40,9 +50,11 @@ def test_gpt_adamw_matches_single_device(gpt_setup, mesh):
     # the (2, 2, 2) ILP is large (~660k variables): a bounded solve still gives a plan
     # (the incumbent, or replicated if that is cheaper), and it must be correct
     limit = {"time_limit": 10.0} if mesh is None or len(mesh) == 3 else {}
-    out, ref, _ = run_both(s.train_step, s.state, s.batch, mesh=mesh, **limit)
+    out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=mesh, **limit)
     assert_close(out[1], ref[1], atol=1e-5)
     assert_close(out[0], ref[0], atol=ADAM_ATOL)
+    if mesh is not None and len(mesh) < 3:  # the bounded 3-D solve may stay replicated
+        assert_sharded(step.plan(s.state, s.batch))
 
 
 @pytest.mark.parametrize(
@@ -52,16 +64,19 @@ def test_gpt_adamw_matches_single_device(gpt_setup, mesh):
 )
 def test_sgd_step_matches_exactly(model, mesh):
     """With SGD the update is lr * gradient: checks every gradient tightly."""
-    s = model.setup(model.tiny(), batch_size=8, tx=optax.sgd(0.1))
-    out, ref, _ = run_both(s.train_step, s.state, s.batch, mesh=mesh)
+    batch = 64 if model is mlp else 8  # sizes at which both plans split
+    s = model.setup(model.tiny(), batch_size=batch, tx=optax.sgd(0.1))
+    out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=mesh)
     assert_close(out, ref, atol=2e-6)
+    assert_sharded(step.plan(s.state, s.batch))
 
 
 def test_wide_megatron_and_data_parallel_numerics():
     for cfg, batch in ((mlp.MLPConfig(64, 2048, 2), 8), (mlp.MLPConfig(32, 64, 2), 4096)):
         s = mlp.setup(cfg, batch_size=batch, tx=optax.sgd(0.1))
-        out, ref, _ = run_both(s.train_step, s.state, s.batch, mesh=(8,))
+        out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=(8,))
         assert_close(out, ref, atol=2e-6)
+        assert_sharded(step.plan(s.state, s.batch))
 
 
 @jax.custom_vjp

@@ -12,6 +12,7 @@ from util import (
     CPU,
     assert_close,
     assert_prediction_matches,
+    assert_sharded,
     compiled_vs_predicted,
     run_both,
     spec_of,
@@ -80,15 +81,13 @@ def test_dimensions_that_do_not_divide_the_axes_stay_whole(mesh):
     # batch divides 8, and only the MLP width divides 4
     cfg = gpt.GPTConfig(vocab=30, d_model=30, n_heads=6, n_layers=1, seq_len=6, d_ff=60)
     s, step, plan = _planned(cfg, batch_size=8, mesh=mesh)
-    sizes = dict(zip(plan.mesh.axis_names, plan.mesh.devices.shape, strict=True))
-    for entry in plan.inputs:
-        for dim, axes in zip(entry.shape, entry.spec, strict=False):
-            axes = (axes,) if isinstance(axes, str) else axes or ()
-            group = 1
-            for a in axes:
-                group *= sizes[a]
-            assert dim % group == 0, (entry.path, entry.shape, entry.spec)
-    assert jax.tree.leaves(plan.in_specs)
+    # every value of the step, intermediates included: split dimensions divide their axes
+    graph = build_graph(trace(s.train_step, (s.state, s.batch)))
+    sizes = plan.mesh.devices.shape
+    for info, spec in zip(graph.values, plan.layout.value_specs, strict=True):
+        for dim, axes in zip(info.shape, spec or (), strict=True):
+            assert dim % math.prod(sizes[a] for a in axes) == 0, (info.name, info.shape, spec)
+    assert_sharded(plan)  # activations split (over the batch or the MLP width)
 
 
 def test_scanned_layers_are_split_inside_the_loop():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.monitoring
 import numpy as np
 
 import autoshard
@@ -92,3 +93,44 @@ def missing_rules(train_step, *args) -> set[str]:
     from autoshard.passes.rules import has_rule
 
     return {p for p in primitives(train_step, *args) if not has_rule(p)}
+
+
+def split_values(plan) -> int:
+    """How many values of the planned step (inputs, intermediates, outputs) are split
+    over at least one mesh axis."""
+    return sum(1 for spec in plan.layout.value_specs if spec and any(spec))
+
+
+def assert_sharded(plan, what: str = "") -> int:
+    """The plan really splits something: a numerics check on it can catch a sharding
+    bug. `what`: a path fragment of an input that must itself be split."""
+    n = split_values(plan)
+    assert n > 0, "the plan splits nothing: choose shapes or hardware that split, or pin a mesh"
+    if what:
+        hits = [e for e in plan.inputs if what in e.path]
+        assert hits and any(any(d is not None for d in e.spec) for e in hits), [
+            (e.path, e.spec) for e in hits
+        ]
+    return n
+
+
+def assert_replicated(plan) -> None:
+    """The plan keeps every value whole: for tests of replication on purpose."""
+    assert split_values(plan) == 0
+
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_compiles = [0]
+
+
+def _on_event(name, _secs, **_kw):
+    if name == BACKEND_COMPILE:
+        _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compiles() -> int:
+    """Backend compilations so far in this process (jax.monitoring's compile event)."""
+    return _compiles[0]

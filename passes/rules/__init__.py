@@ -1,6 +1,13 @@
 """The rule table: one factor map per primitive (see core.py)."""
 
-from autoshard.passes.rules import contraction, control, conv, elementwise, structural  # noqa: F401
+from autoshard.passes.rules import (  # noqa: F401
+    contraction,
+    control,
+    conv,
+    elementwise,
+    random,
+    structural,
+)
 from autoshard.passes.rules.core import (
     FIXED,
     PASS,

@@ -34,6 +34,7 @@ DECISIONS = (
         "scan",
         "while",
         "cond",
+        "random_bits",  # its operand is a key, whose layout says nothing of the bits
     }
 )
 # Operations whose partial sums a plan may reduce-scatter. The interpreter runs them
