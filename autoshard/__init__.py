@@ -7,6 +7,7 @@ def train_step(state, batch): ...
 from autoshard.api import Parallelized, parallelize
 from autoshard.cost_model.hardware import PRESETS, Hardware
 from autoshard.hlo import Collective, collectives, parse_collectives
+from autoshard.pipeline import Pipeline, PipelineError
 from autoshard.plan import Cost, Plan, SolverStats
 from autoshard.search import MemoryBudgetError
 
@@ -17,6 +18,8 @@ __all__ = [
     "Hardware",
     "MemoryBudgetError",
     "Parallelized",
+    "Pipeline",
+    "PipelineError",
     "Plan",
     "SolverStats",
     "collectives",

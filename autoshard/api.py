@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from autoshard import pipeline as _pipeline
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
 from autoshard.mesh import candidate_meshes, default_hardware
@@ -35,6 +36,7 @@ class Parallelized:
         time_limit=60.0,
         devices=None,
         memory_budget=None,
+        pipeline=_pipeline.AUTO,
     ):
         functools.update_wrapper(self, fn)
         self.fn = fn
@@ -55,6 +57,15 @@ class Parallelized:
                 "per device (or None for the hardware's memory less headroom)."
             )
         self.memory_budget = memory_budget
+        if not (
+            pipeline is None
+            or pipeline == _pipeline.AUTO
+            or isinstance(pipeline, _pipeline.Pipeline)
+        ):
+            raise TypeError(
+                f"autoshard: pipeline={pipeline!r}: use 'auto', None, or autoshard.Pipeline(...)."
+            )
+        self.pipeline = pipeline
         self._cache: dict = {}
         self.trace_count = 0
         self.solve_count = 0
@@ -87,10 +98,27 @@ class Parallelized:
         budget = self.memory_budget
         if budget is None:
             budget = self.hardware.memory * (1 - MEMORY_HEADROOM)
-        mp, tried = _search.search(graph, meshes, self.hardware, self.time_limit, budget, donated)
+        ctx = _pipeline.Context(
+            self.fn,
+            args,
+            traced,
+            graph,
+            self.hardware,
+            tuple(self.devices),
+            self.time_limit,
+            donated,
+        )
+        if isinstance(self.pipeline, _pipeline.Pipeline):
+            plan, run = _pipeline.forced(ctx, self.pipeline, meshes)
+        else:
+            mp, tried = _search.search(
+                graph, meshes, self.hardware, self.time_limit, budget, donated
+            )
+            plan = _make_plan(mp, graph, tried, time.perf_counter() - t0)
+            run = interpreter(graph, plan.layout, plan.mesh)
+            if self.pipeline == _pipeline.AUTO:
+                plan, run = _pipeline.auto(ctx, meshes, plan.cost.time) or (plan, run)
         self.solve_count += 1
-        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0)
-        run = interpreter(graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)
             for s in jax.tree_util.tree_leaves(plan.in_specs, is_leaf=_is_p)
@@ -196,6 +224,7 @@ def parallelize(
     time_limit: float = 60.0,
     devices=None,
     memory_budget: float | None = None,
+    pipeline: Any = "auto",
 ) -> Any:
     """Run a single-device training step sharded over all visible devices.
 
@@ -219,6 +248,9 @@ def parallelize(
         optimizer state over the data axis (ZeRO/FSDP); if no plan fits,
         `autoshard.MemoryBudgetError` names the least memory reachable and what
         dominates it.
+      pipeline: "auto" (the planner may split a `lax.scan` layer stack into stages
+        over a mesh axis when that is predicted faster), None (never), or
+        `autoshard.Pipeline(stages, microbatches)` to force it. See docs/pipeline.md.
 
     Returns:
       A callable with `.plan(*args)` and `.lower(*args)`.
@@ -241,5 +273,8 @@ def parallelize(
             time_limit=time_limit,
             devices=devices,
             memory_budget=memory_budget,
+            pipeline=pipeline,
         )
-    return Parallelized(fn, mesh, hardware, donate_argnums, time_limit, devices, memory_budget)
+    return Parallelized(
+        fn, mesh, hardware, donate_argnums, time_limit, devices, memory_budget, pipeline
+    )

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
+from autoshard.cost_model.pipeline import PipelineChoice
 from autoshard.passes.annotate import Layout
 
 
@@ -64,6 +65,8 @@ class Plan:
       cost: predicted costs (Cost).
       solver: ILP size and timings (SolverStats).
       inputs: one Entry per input leaf, for reading.
+      pipeline: the pipeline parallelism chosen (stages, microbatches, schedule,
+        bubble, per-stage memory), or None.
 
     Example:
       >>> plan = step.plan(state, batch)          # doctest: +SKIP
@@ -77,6 +80,7 @@ class Plan:
     solver: SolverStats
     inputs: tuple[Entry, ...]
     layout: Layout | None = field(default=None, repr=False)
+    pipeline: PipelineChoice | None = None
 
     def summary(self) -> str:
         """A readable table: mesh, every input leaf with shape and spec, predicted costs."""
@@ -100,6 +104,13 @@ class Plan:
             f"variables, {s.constraints} constraints, solved in {s.solve_time:.2f} s ({s.status}); "
             f"planning took {s.plan_time:.2f} s"
         )
+        if self.pipeline is not None:
+            pl = self.pipeline
+            lines.append(
+                f"pipeline: {pl.stages} stages on axis {pl.axis!r} x {pl.microbatches} "
+                f"microbatches ({pl.schedule}), {pl.layers // pl.stages} of {pl.layers} layers "
+                f"per stage, bubble {pl.bubble:.0%}"
+            )
         if len(s.candidates) > 1:
             cands = ", ".join(f"{k}: {v * 1e3:.3f} ms" for k, v in s.candidates.items())
             lines.append(f"meshes tried: {cands}")
