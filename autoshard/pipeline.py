@@ -318,19 +318,30 @@ def remap_layout(layout: Layout, graph: OpGraph, sub_names, mesh, axis: str, sta
     return Layout(specs, operands, scatters)
 
 
+def _node_time(mp, n) -> float:
+    p = mp.problem
+    return n.weight * p.units[p.node_unit(n.id)][mp.picks[p.node_unit(n.id)]].cost
+
+
 def _serial_time(mp, loop_id: int) -> float:
     """Seconds the sub-mesh plan spends in one loop's body (all iterations)."""
-    p = mp.problem
+    return sum(_node_time(mp, n) for n in mp.problem.graph.nodes if n.region == loop_id)
+
+
+def _stacked_time(mp, stacked) -> float:
+    """Seconds of step-level operations on stacked values (the optimizer update of
+    the layer weights), which each stage runs on its own layers only."""
     return sum(
-        n.weight * p.units[p.node_unit(n.id)][mp.picks[p.node_unit(n.id)]].cost
-        for n in p.graph.nodes
-        if n.region == loop_id
+        _node_time(mp, n)
+        for n in mp.problem.graph.nodes
+        if n.region == -1 and n.boundary < 0 and any(v in stacked for v in n.outputs)
     )
 
 
 @dataclass(frozen=True)
 class _Bytes:
     boundary: tuple[float, ...]  # per loop: its carries per device, whole batch
+    gathered: tuple[float, ...]  # per loop: the final carries the step reads
     residuals: float  # stacked per-layer activations handed to the backward loop
     stacked_args: float  # stacked inputs (layer weights, their optimizer state)
 
@@ -342,18 +353,22 @@ def _bytes(mp, graph: OpGraph, loops, stacked) -> _Bytes:
     def dev(v):
         return per_device_bytes(graph.values[v].nbytes, specs[v], desc)
 
-    boundary, residuals = [], 0.0
+    read = {r for n in graph.nodes for r in n.inputs if not isinstance(r, Lit)}
+    read |= {r for r in graph.outputs if not isinstance(r, Lit)}
+    boundary, gathered, residuals = [], [], 0.0
     for s in loops:
         lp = graph.loops[s.loop]
         nk = lp.num_carry
-        boundary.append(sum(dev(graph.nodes[i].outputs[0]) for i in lp.exit[:nk]))
+        outs = [graph.nodes[i].outputs[0] for i in lp.exit[:nk]]
+        boundary.append(sum(dev(v) for v in outs))
+        gathered.append(sum(dev(v) for v in outs if v in read))
         residuals += sum(
             dev(graph.nodes[i].outputs[0])
             for i, k in zip(lp.exit[nk:], s.out_kinds[nk:], strict=True)
             if k == BATCH
         )
     args = sum(dev(v) for v in graph.inputs if v in stacked)
-    return _Bytes(tuple(boundary), residuals, args)
+    return _Bytes(tuple(boundary), tuple(gathered), residuals, args)
 
 
 def predict(mp, graph, loops, stacked, hw: Hardware, mesh, axis: str, m: int, schedule: str):
@@ -362,12 +377,13 @@ def predict(mp, graph, loops, stacked, hw: Hardware, mesh, axis: str, m: int, sc
     rest of the step keeps mp's time."""
     p, ai = mesh.shape[axis], list(mesh.axis_names).index(axis)
     serial = {s.loop: _serial_time(mp, s.loop) for s in loops}
-    rest = max(mp.result.objective - sum(serial.values()), 0.0)
+    split = _stacked_time(mp, stacked)
+    rest = max(mp.result.objective - sum(serial.values()) - split * (1 - 1 / p), 0.0)
     piped = sum(cm.loop_time(t, p, m) for t in serial.values())
     b = _bytes(mp, graph, loops, stacked)
-    moved = sum(
-        cm.transfer_time(x, p, m, hw, ai) + cm.gather_time(x, p, hw, ai) for x in b.boundary
-    )
+    # a final carry nothing reads (the gradient of the batch input) is never gathered
+    moved = sum(cm.transfer_time(x, p, m, hw, ai) for x in b.boundary)
+    moved += sum(cm.gather_time(x, p, hw, ai) for x in b.gathered)
     mem = mp.memory()
     args = mem["arguments"] - b.stacked_args * (1 - 1 / p)
     acts = mem["activations_peak"] - b.residuals

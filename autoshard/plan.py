@@ -133,6 +133,7 @@ class Plan:
             ],
             "cost": asdict(self.cost),
             "solver": asdict(self.solver),
+            "pipeline": asdict(self.pipeline) if self.pipeline else None,
         }
         return json.dumps(doc, indent=1)
 
@@ -169,6 +170,7 @@ class Plan:
             Cost(**cost),
             SolverStats(**solver),
             entries,
+            pipeline=PipelineChoice(**doc["pipeline"]) if doc.get("pipeline") else None,
         )
 
 
