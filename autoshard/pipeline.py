@@ -501,11 +501,23 @@ def forced(ctx: Context, pipe: Pipeline, meshes):
     return build(ctx, mesh, axis, pipe.microbatches, cm.GPIPE, loops, mp, t0)
 
 
+def hierarchical(hw: Hardware) -> bool:
+    """Whether the mesh axes differ in bandwidth or latency (hosts joined by a slower
+    network than their devices): the case pipelines are for, and the only one the
+    automatic search prices them on."""
+    return any(
+        isinstance(v, tuple | list) and len(set(v)) > 1 for v in (hw.bandwidth, hw.latency)
+    )
+
+
 def auto(ctx: Context, meshes, best: float):
     """(Plan, run) of the cheapest pipelined plan over every mesh axis of size >= 2
     of every candidate mesh with two or more axes, if it beats `best` seconds; else
-    None. Batches and layer counts a pipeline cannot split are never chosen."""
+    None. Only on hierarchical hardware (see `hierarchical`). Batches and layer
+    counts a pipeline cannot split are never chosen."""
     t0 = time.perf_counter()
+    if not hierarchical(ctx.hardware):
+        return None
     try:
         b = batch_size(ctx.args)
     except PipelineError:
