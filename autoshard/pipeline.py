@@ -155,7 +155,8 @@ def _stage_program(info: StackLoop, params, axis: str, p: int, m: int):
     outs0 = [(a.shape, a.dtype, d) for a, d in zip(avals[:nk], info.out_dims[:nk], strict=True)]
 
     def zeros(shape, dtype, dim):
-        return _split(jnp.zeros(shape, dtype), dim, m)
+        """A buffer for every microbatch: shape (one microbatch's) with m at dim."""
+        return jnp.zeros(shape if dim is None else (*shape[:dim], m, *shape[dim:]), dtype)
 
     def program(consts, carries, xs):
         s = jax.lax.axis_index(axis)
@@ -196,11 +197,11 @@ def _collect(acc, y, dim, kind, i, ok):
     return jnp.where(ok, y, acc)
 
 
-def loop_runner(info: StackLoop, params, mesh, axis: str, m: int):
+def loop_runner(info: StackLoop, mesh, axis: str, m: int):
     """A function of the loop's operands (constants, carries, scanned) that returns
     its results (carries, stacked), computed as pipeline stages over mesh axis
-    `axis` with m microbatches."""
-    p = mesh.shape[axis]
+    `axis` with m microbatches (info.micro must be traced at batch / m)."""
+    p, params = mesh.shape[axis], info.micro
     nc, nk = params["num_consts"], params["num_carry"]
     program = _stage_program(info, params, axis, p, m)
 
@@ -464,7 +465,7 @@ def build(ctx: Context, mesh, axis: str, m: int, schedule: str, loops, mp, t0: f
         layout=layout,
         pipeline=choice,
     )
-    runners = {s.loop: loop_runner(s, g.loops[s.loop].params, mesh, axis, m) for s in loops}
+    runners = {s.loop: loop_runner(s, mesh, axis, m) for s in loops}
     return plan, interpreter(g, layout, mesh, runners)
 
 
@@ -505,9 +506,7 @@ def hierarchical(hw: Hardware) -> bool:
     """Whether the mesh axes differ in bandwidth or latency (hosts joined by a slower
     network than their devices): the case pipelines are for, and the only one the
     automatic search prices them on."""
-    return any(
-        isinstance(v, tuple | list) and len(set(v)) > 1 for v in (hw.bandwidth, hw.latency)
-    )
+    return any(isinstance(v, tuple | list) and len(set(v)) > 1 for v in (hw.bandwidth, hw.latency))
 
 
 def auto(ctx: Context, meshes, best: float):
@@ -543,4 +542,5 @@ def auto(ctx: Context, meshes, best: float):
     if choice is None:
         return None
     _, mesh, axis, m, mp = choice
-    return build(ctx, mesh, axis, m, cm.GPIPE, loops, mp, t0)
+    # each stage runs the loop body traced at this microbatch size
+    return build(ctx, mesh, axis, m, cm.GPIPE, find_loops(ctx, m), mp, t0)

@@ -14,7 +14,7 @@ do not are the same for every microbatch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from autoshard.passes import jax_core
 from autoshard.passes.graph import Lit, OpGraph
@@ -31,6 +31,8 @@ class StackLoop:
     out_dims: per scan result (carries, stacked), the batch dimension, or None.
     out_kinds: per result, BATCH (split by microbatch), SUM (summed over
       microbatches) or SAME (equal for every microbatch).
+    micro: the scan's params as traced at the microbatch size; its body is what
+      each stage runs on one microbatch (shapes in the body are baked in).
     """
 
     loop: int
@@ -39,6 +41,7 @@ class StackLoop:
     in_dims: tuple[int | None, ...]
     out_dims: tuple[int | None, ...]
     out_kinds: tuple[str, ...]
+    micro: dict = field(repr=False, compare=False, default_factory=dict)
 
 
 def _batch_dim(full, micro) -> int | None:
@@ -83,7 +86,7 @@ def _analyse(loop, micro_loop) -> StackLoop | None:
     in_outer = [d if i < nc + nk or d is None else d + 1 for i, d in enumerate(in_dims)]
     out_outer = [d if i < nk or d is None else d + 1 for i, d in enumerate(out_dims)]
     return StackLoop(
-        loop.id, p["length"], p["reverse"], tuple(in_outer), tuple(out_outer), tuple(kinds)
+        loop.id, p["length"], p["reverse"], tuple(in_outer), tuple(out_outer), tuple(kinds), q
     )
 
 
