@@ -343,6 +343,7 @@ def _stacked_time(mp, stacked) -> float:
 class _Bytes:
     boundary: tuple[float, ...]  # per loop: its carries per device, whole batch
     gathered: tuple[float, ...]  # per loop: the final carries the step reads
+    gathered_count: int
     residuals: float  # stacked per-layer activations handed to the backward loop
     stacked_args: float  # stacked inputs (layer weights, their optimizer state)
 
@@ -356,20 +357,21 @@ def _bytes(mp, graph: OpGraph, loops, stacked) -> _Bytes:
 
     read = {r for n in graph.nodes for r in n.inputs if not isinstance(r, Lit)}
     read |= {r for r in graph.outputs if not isinstance(r, Lit)}
-    boundary, gathered, residuals = [], [], 0.0
+    boundary, gathered, count, residuals = [], [], 0, 0.0
     for s in loops:
         lp = graph.loops[s.loop]
         nk = lp.num_carry
         outs = [graph.nodes[i].outputs[0] for i in lp.exit[:nk]]
         boundary.append(sum(dev(v) for v in outs))
         gathered.append(sum(dev(v) for v in outs if v in read))
+        count += sum(v in read for v in outs)
         residuals += sum(
             dev(graph.nodes[i].outputs[0])
             for i, k in zip(lp.exit[nk:], s.out_kinds[nk:], strict=True)
             if k == BATCH
         )
     args = sum(dev(v) for v in graph.inputs if v in stacked)
-    return _Bytes(tuple(boundary), tuple(gathered), residuals, args)
+    return _Bytes(tuple(boundary), tuple(gathered), count, residuals, args)
 
 
 def predict(mp, graph, loops, stacked, hw: Hardware, mesh, axis: str, m: int, schedule: str):
@@ -446,7 +448,12 @@ def build(ctx: Context, mesh, axis: str, m: int, schedule: str, loops, mp, t0: f
     outs = [s if s is not None else P() for s in specs_of(g.outputs, layout, names)]
     nk = [g.loops[s.loop].num_carry for s in loops]
     colls = dict(base.cost.collectives)
-    colls["collective-permute"] = (sum(nk), sum(_bytes(mp, g, loops, stacked).boundary) / m)
+    b = _bytes(mp, g, loops, stacked)
+    colls["collective-permute"] = (sum(nk), sum(b.boundary) / m)
+    # the last stage's final carries, summed over the pipeline axis (one per carry read)
+    if b.gathered_count:
+        n0, b0 = colls.get("all-reduce", (0, 0.0))
+        colls["all-reduce"] = (n0 + b.gathered_count, b0 + sum(b.gathered))
     cost = dataclasses.replace(
         base.cost,
         time=choice.time,
