@@ -433,6 +433,23 @@ def _sub_plan(ctx: Context, mesh, axis: str):
     return solve_on_mesh(ctx.graph, sub, hw, ctx.time_limit, None, ctx.donated)
 
 
+def _collectives(mp, piped: set[int], m: int) -> dict[str, tuple[int, float]]:
+    """{kind: (count, bytes)} of the sub-mesh plan's collectives; those inside a
+    pipelined loop move one microbatch at a time."""
+    from autoshard.search import combine, predicted_collectives
+
+    g = mp.problem.graph
+    preds = [
+        (nid, dataclasses.replace(c, nbytes=c.nbytes / m) if g.nodes[nid].region in piped else c)
+        for nid, c in predicted_collectives(mp, mp.layout())
+    ]
+    out: dict[str, tuple[int, float]] = {}
+    for _, c in combine(mp, preds):
+        n0, b0 = out.get(c.kind, (0, 0.0))
+        out[c.kind] = (n0 + 1, b0 + c.nbytes)
+    return out
+
+
 def build(ctx: Context, mesh, axis: str, m: int, schedule: str, loops, mp, t0: float):
     """(Plan, run) of the pipelined step from the sub-mesh plan mp."""
     from autoshard.api import _make_plan as make_plan
@@ -447,7 +464,7 @@ def build(ctx: Context, mesh, axis: str, m: int, schedule: str, loops, mp, t0: f
     ins = specs_of(g.inputs, layout, names)
     outs = [s if s is not None else P() for s in specs_of(g.outputs, layout, names)]
     nk = [g.loops[s.loop].num_carry for s in loops]
-    colls = dict(base.cost.collectives)
+    colls = _collectives(mp, {s.loop for s in loops}, m)
     b = _bytes(mp, g, loops, stacked)
     colls["collective-permute"] = (sum(nk), sum(b.boundary) / m)
     # the last stage's final carries, summed over the pipeline axis (one per carry read)
