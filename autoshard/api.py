@@ -107,6 +107,7 @@ class Parallelized:
             tuple(self.devices),
             self.time_limit,
             donated,
+            budget,
         )
         if isinstance(self.pipeline, _pipeline.Pipeline):
             plan, run = _pipeline.forced(ctx, self.pipeline, meshes)

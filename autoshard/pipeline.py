@@ -242,6 +242,7 @@ class Context:
     devices: tuple
     time_limit: float
     donated: frozenset
+    budget: float | None = None  # bytes per device a pipelined plan must fit
 
 
 def _pipe_axis(mesh, stages: int, axis: str | None) -> str | None:
@@ -536,8 +537,9 @@ def hierarchical(hw: Hardware) -> bool:
 def auto(ctx: Context, meshes, best: float):
     """(Plan, run) of the cheapest pipelined plan over every mesh axis of size >= 2
     of every candidate mesh with two or more axes, if it beats `best` seconds; else
-    None. Only on hierarchical hardware (see `hierarchical`). Batches and layer
-    counts a pipeline cannot split are never chosen."""
+    None. Only on hierarchical hardware (see `hierarchical`), and only plans whose
+    per-stage memory fits ctx.budget. Batches and layer counts a pipeline cannot
+    split are never chosen."""
     t0 = time.perf_counter()
     if not hierarchical(ctx.hardware):
         return None
@@ -561,7 +563,8 @@ def auto(ctx: Context, meshes, best: float):
             stacked = stacked_values(g, loops)
             for m in ms:
                 c = predict(mp, g, loops, stacked, ctx.hardware, mesh, axis, m, cm.GPIPE)
-                if c.time < best and (choice is None or c.time < choice[0].time):
+                fits = ctx.budget is None or c.stage_memory["total"] <= ctx.budget
+                if fits and c.time < best and (choice is None or c.time < choice[0].time):
                     choice = (c, mesh, axis, m, mp)
     if choice is None:
         return None
