@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from autoshard.cost_model import pipeline as cm
 from autoshard.cost_model.hardware import Hardware
 from autoshard.cost_model.resharding import per_device_bytes
+from autoshard.passes import jax_core
 from autoshard.passes.annotate import Layout, interpreter
 from autoshard.passes.graph import Lit, OpGraph, build_graph
 from autoshard.passes.stages import BATCH, SUM, StackLoop, stack_loops, stacked_values
@@ -132,7 +133,7 @@ def _body_fn(loop_params, nc, nk):
     body = loop_params["jaxpr"]
 
     def step(consts, carry, xs):
-        outs = jax.core.eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *xs)
+        outs = jax_core.eval_jaxpr(body, *consts, *carry, *xs)
         return list(outs[:nk]), list(outs[nk:])
 
     return step
