@@ -40,7 +40,7 @@ def test_stack_loops_found_forward_and_backward():
     assert bwd.out_kinds[0] == BATCH and set(bwd.out_kinds[1:]) == {SUM}
 
 
-def test_forced_gpipe_equals_jit():
+def test_forced_gpipe_equals_jit(tmp_path):
     s = _setup()
     pipe = autoshard.Pipeline(stages=4, microbatches=8, schedule="gpipe")
     step = autoshard.parallelize(s.train_step, mesh=(4, 2), hardware=CPU, pipeline=pipe)
@@ -63,6 +63,8 @@ def test_forced_gpipe_equals_jit():
     assert compiled["collective-permute"][0] >= 2  # forward and backward stage hand-offs
     # stage hand-offs and the gather of the last stage's output, as predicted
     assert_prediction_matches(step, s.state, s.batch)
+    plan.save(str(tmp_path / "plan.json"))
+    assert autoshard.Plan.load(str(tmp_path / "plan.json")).pipeline == pl
 
 
 def test_pipeline_none_and_auto_on_fast_mesh_choose_none():
