@@ -519,7 +519,8 @@ def forced(ctx: Context, pipe: Pipeline, meshes):
         raise PipelineError(
             "autoshard: pipeline=Pipeline(...) found no layer stack to split into stages: "
             "write the repeated layers as jax.lax.scan (or nnx.scan) over stacked weights "
-            "whose carry holds the batch."
+            "whose carry holds the batch, with layers that treat the examples of a batch "
+            "independently (no batch statistics)."
         )
     problem = _check_layers(loops, pipe.stages)
     if problem:

@@ -9,12 +9,16 @@ Where the batch lives in each operand is found by tracing the step a second time
 with the batch divided by the number of microbatches: a dimension whose size
 changed carries the batch. Per-layer results without a batch dimension that
 depend on the batch (weight gradients) are summed over microbatches; those that
-do not are the same for every microbatch.
+do not are the same for every microbatch. A body whose constants change with the
+batch size, or where a value reduced over the batch flows back into the rows
+(batch statistics), mixes examples and is not split into microbatches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from autoshard.passes import jax_core
 from autoshard.passes.graph import Lit, OpGraph
@@ -59,6 +63,60 @@ def _depends(body, batched: list[bool]) -> list[bool]:
     return [not jax_core.is_literal(v) and v in dep for v in jaxpr.outvars]
 
 
+def _same_literals(a, b) -> bool:
+    """The two jaxprs' literals and constants agree, nested bodies included: nothing
+    in them depends on the batch size (a mean over the batch divides by it)."""
+    ja, ca = jax_core.split_closed(a)
+    jb, cb = jax_core.split_closed(b)
+    if len(ja.eqns) != len(jb.eqns) or len(ca) != len(cb):
+        return False
+    if not all(
+        np.shape(x) == np.shape(y) and np.array_equal(x, y) for x, y in zip(ca, cb, strict=True)
+    ):
+        return False
+    for ea, eb in zip(ja.eqns, jb.eqns, strict=True):
+        if ea.primitive != eb.primitive:
+            return False
+        for x, y in zip(ea.invars, eb.invars, strict=True):
+            if jax_core.is_literal(x) and not np.array_equal(x.val, y.val):
+                return False
+        sa, sb = (
+            list(jax_core.jaxprs_in_params(ea.params)),
+            list(jax_core.jaxprs_in_params(eb.params)),
+        )
+        if len(sa) != len(sb) or not all(_same_literals(x, y) for x, y in zip(sa, sb, strict=True)):
+            return False
+    return True
+
+
+def _rows_independent(body, mbody, depends: list[bool]) -> bool:
+    """No value reduced over the batch flows back into a value that carries it (as
+    batch statistics would): each microbatch's rows then depend on its rows only.
+    depends: per body input, whether it depends on the batch. Call-like equations
+    (jit, custom_jvp/vjp, remat) are checked inside."""
+    jf, _ = jax_core.split_closed(body)
+    jm, _ = jax_core.split_closed(mbody)
+    shape = {v: (v.aval.shape, w.aval.shape) for v, w in zip(jf.invars, jm.invars, strict=True)}
+    dep = {v for v, d in zip(jf.invars, depends, strict=True) if d}
+    for ef, em in zip(jf.eqns, jm.eqns, strict=True):
+        for v, w in zip(ef.outvars, em.outvars, strict=True):
+            shape[v] = (v.aval.shape, w.aval.shape)
+        flags = [not jax_core.is_literal(v) and v in dep for v in ef.invars]
+        if not any(flags):
+            continue
+        dep.update(ef.outvars)
+        sub = jax_core.INLINE_BODY_PARAM.get(ef.primitive.name)
+        if sub in ef.params:
+            if not _rows_independent(ef.params[sub], em.params[sub], flags):
+                return False
+            continue
+        ins = [v for v, f in zip(ef.invars, flags, strict=True) if f]
+        reduced = any(shape[v][0] == shape[v][1] for v in ins)
+        if reduced and any(a != b for a, b in (shape[v] for v in ef.outvars)):
+            return False
+    return True
+
+
 def _analyse(loop, micro_loop) -> StackLoop | None:
     """The loop's batch dimensions, or None if it cannot run as pipeline stages."""
     p, q = loop.params, micro_loop.params
@@ -78,7 +136,10 @@ def _analyse(loop, micro_loop) -> StackLoop | None:
         return None  # no carry to pass between stages, or nothing stacked per layer
     if any(d is None for d in in_dims[nc : nc + nk] + out_dims[:nk]):
         return None  # a carry without the batch (a counter, an accumulator) stays whole
-    dep = _depends(body, [d is not None for d in in_dims])
+    batched = [d is not None for d in in_dims]
+    if not _same_literals(body, mbody) or not _rows_independent(body, mbody, batched):
+        return None  # the body mixes the examples of a batch
+    dep = _depends(body, batched)
     kinds = [
         BATCH if d is not None else SUM if dp else SAME for d, dp in zip(out_dims, dep, strict=True)
     ]

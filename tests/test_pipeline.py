@@ -2,6 +2,7 @@
 fast meshes, and clear errors for what a pipeline cannot split."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from util import ADAM_ATOL, CPU, assert_close, assert_prediction_matches
@@ -136,3 +137,26 @@ def test_gpt_under_nnx_scan_pipelines():
     assert_close(out[1], ref[1], atol=1e-5)
     assert_close(out[0], ref[0], atol=ADAM_ATOL)
     assert step.plan(s.state, s.batch).pipeline.layers == 2
+
+
+def test_layers_that_mix_the_batch_are_not_pipelined():
+    """Batch statistics inside a layer would differ per microbatch: such a stack is
+    not split (forced: an error; the analysis finds no stack)."""
+    w = _setup(d=16, layers=4).state[0]["w1"]
+
+    def step(w, batch):
+        def loss(w):
+            def layer(h, wl):
+                return (h - h.mean(0)) @ wl, None
+
+            return jnp.mean(jax.lax.scan(layer, batch["x"], w)[0] ** 2)
+
+        return w - 0.1 * jax.grad(loss)(w)
+
+    args = (w, {"x": jnp.ones((8, 16))})
+    full = build_graph(trace(step, args))
+    assert stack_loops(full, build_graph(trace(step, micro_args(args, 2)))) == ()
+    pipe = autoshard.Pipeline(stages=4, microbatches=2)
+    forced = autoshard.parallelize(step, mesh=(4, 2), hardware=CPU, pipeline=pipe)
+    with pytest.raises(autoshard.PipelineError, match="no batch statistics"):
+        forced.plan(*args)
