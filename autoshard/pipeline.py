@@ -496,7 +496,8 @@ def build(ctx: Context, mesh, axis: str, m: int, schedule: str, loops, mp, t0: f
 
 
 def forced(ctx: Context, pipe: Pipeline, meshes):
-    """(Plan, run) for a forced Pipeline on the first mesh with an axis of its size."""
+    """(Plan, run) for a forced Pipeline: on the candidate mesh axis of its size with
+    the least bandwidth (the first such on uniform hardware)."""
     t0 = time.perf_counter()
     if pipe.schedule == cm.ONE_F_ONE_B:
         warnings.warn(
@@ -513,7 +514,9 @@ def forced(ctx: Context, pipe: Pipeline, meshes):
             f"{f' named {pipe.axis!r}' if pipe.axis else ''}; the mesh is {shapes}. Pass "
             f"mesh=... with such an axis, or stages equal to an axis size."
         )
-    mesh, axis = found[0]
+    # the stages go where links are slowest: only boundaries cross the pipeline axis
+    hw = ctx.hardware
+    mesh, axis = min(found, key=lambda f: hw.axis_bandwidth(f[0].axis_names.index(f[1])))
     loops = find_loops(ctx, pipe.microbatches)
     if not loops:
         raise PipelineError(
