@@ -10,6 +10,7 @@ from autoshard import checkpoint, report
 from autoshard.api import Parallelized, parallelize
 from autoshard.cost_model.hardware import PRESETS, Hardware
 from autoshard.hlo import Collective, collectives, parse_collectives
+from autoshard.pipeline import Pipeline, PipelineError
 from autoshard.plan import Cost, Plan, SolverStats
 from autoshard.search import MemoryBudgetError
 
@@ -26,6 +27,8 @@ __all__ = [
     "Hardware",
     "MemoryBudgetError",
     "Parallelized",
+    "Pipeline",
+    "PipelineError",
     "Plan",
     "SolverStats",
     "checkpoint",

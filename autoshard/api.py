@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from autoshard import boundary as _boundary
+from autoshard import pipeline as _pipeline
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
 from autoshard.mesh import candidate_meshes, default_hardware
@@ -43,6 +44,7 @@ class Parallelized:
         donate_argnames=(),
         in_shardings=None,
         out_shardings=None,
+        pipeline=_pipeline.AUTO,
     ):
         functools.update_wrapper(self, fn)
         self.fn = fn
@@ -67,6 +69,15 @@ class Parallelized:
                 "per device (or None for the hardware's memory less headroom)."
             )
         self.memory_budget = memory_budget
+        if not (
+            pipeline is None
+            or pipeline == _pipeline.AUTO
+            or isinstance(pipeline, _pipeline.Pipeline)
+        ):
+            raise TypeError(
+                f"autoshard: pipeline={pipeline!r}: use 'auto', None, or autoshard.Pipeline(...)."
+            )
+        self.pipeline = pipeline
         self._cache: dict = {}
         self.trace_count = 0
         self.solve_count = 0
@@ -91,13 +102,36 @@ class Parallelized:
         budget = self.memory_budget
         if budget is None:
             budget = self.hardware.memory * (1 - MEMORY_HEADROOM)
-        mp, tried = _search.search(
-            graph, meshes, self.hardware, self.time_limit, budget, donated, pinned
+        ctx = _pipeline.Context(
+            call.pure,
+            call.dyn,
+            traced,
+            graph,
+            self.hardware,
+            tuple(self.devices),
+            self.time_limit,
+            donated,
+            budget,
         )
+        if isinstance(self.pipeline, _pipeline.Pipeline):
+            if any(pinned):
+                raise ValueError(
+                    "autoshard: a forced pipeline does not take pinned layouts (in_shardings, "
+                    "out_shardings or with_sharding_constraint in the step): drop the pins, or "
+                    "use pipeline='auto' to plan around them without stages."
+                )
+            plan, run = _pipeline.forced(ctx, self.pipeline, meshes)
+        else:
+            mp, tried = _search.search(
+                graph, meshes, self.hardware, self.time_limit, budget, donated, pinned
+            )
+            out_pins = {v: p for v, _, p in pins.outputs if p is not None}
+            plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
+            run = interpreter(graph, plan.layout, plan.mesh)
+            # a pipeline would ignore the user's pins: only without them
+            if self.pipeline == _pipeline.AUTO and not any(pinned):
+                plan, run = _pipeline.auto(ctx, meshes, plan.cost.time) or (plan, run)
         self.solve_count += 1
-        out_pins = {v: p for v, _, p in pins.outputs if p is not None}
-        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
-        run = interpreter(graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)
             for s in jax.tree_util.tree_leaves(plan.in_specs, is_leaf=_is_p)
@@ -215,6 +249,7 @@ def parallelize(
     donate_argnames=(),
     in_shardings=None,
     out_shardings=None,
+    pipeline: Any = "auto",
 ) -> Any:
     """Run a single-device training step sharded over all visible devices.
 
@@ -238,6 +273,9 @@ def parallelize(
         optimizer state over the data axis (ZeRO/FSDP); if no plan fits,
         `autoshard.MemoryBudgetError` names the least memory reachable and what
         dominates it.
+      pipeline: "auto" (the planner may split a `lax.scan` layer stack into stages
+        over a mesh axis when that is predicted faster), None (never), or
+        `autoshard.Pipeline(stages, microbatches)` to force it. See docs/pipeline.md.
       static_argnums, static_argnames: arguments that are Python values, not arrays
         (flags, configs): part of the cache key and closed over, as for `jax.jit`
         (they must be hashable). Numbers and names are resolved against each other.
@@ -284,6 +322,7 @@ def parallelize(
             donate_argnames=donate_argnames,
             in_shardings=in_shardings,
             out_shardings=out_shardings,
+            pipeline=pipeline,
         )
     return Parallelized(
         fn,
@@ -298,4 +337,5 @@ def parallelize(
         donate_argnames=donate_argnames,
         in_shardings=in_shardings,
         out_shardings=out_shardings,
+        pipeline=pipeline,
     )

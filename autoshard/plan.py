@@ -11,6 +11,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from autoshard import report
+from autoshard.cost_model.pipeline import PipelineChoice
 from autoshard.passes.annotate import Layout
 
 
@@ -67,6 +68,8 @@ class Plan:
       cost: predicted costs (Cost).
       solver: ILP size and timings (SolverStats).
       inputs: one Entry per input leaf, for reading.
+      pipeline: the pipeline parallelism chosen (stages, microbatches, schedule,
+        bubble, per-stage memory), or None.
 
     Example:
       >>> plan = step.plan(state, batch)          # doctest: +SKIP
@@ -80,6 +83,7 @@ class Plan:
     solver: SolverStats
     inputs: tuple[Entry, ...]
     layout: Layout | None = field(default=None, repr=False)
+    pipeline: PipelineChoice | None = None
 
     def summary(self, rich: bool | None = None) -> str:
         """A readable report: the mesh, one row per parameter (its optimizer moments
@@ -141,6 +145,7 @@ class Plan:
             ],
             "cost": asdict(self.cost),
             "solver": asdict(self.solver),
+            "pipeline": asdict(self.pipeline) if self.pipeline else None,
         }
         return json.dumps(doc, indent=1)
 
@@ -177,6 +182,7 @@ class Plan:
             Cost(**cost),
             SolverStats(**solver),
             entries,
+            pipeline=PipelineChoice(**doc["pipeline"]) if doc.get("pipeline") else None,
         )
 
 

@@ -232,6 +232,13 @@ def cost_lines(plan: Plan) -> list[str]:
         f"variables, {s.constraints} constraints, solved in {s.solve_time:.2f} s ({s.status}); "
         f"planning took {s.plan_time:.2f} s"
     )
+    if plan.pipeline is not None:
+        pl = plan.pipeline
+        lines.append(
+            f"pipeline: {pl.stages} stages on axis {pl.axis!r} x {pl.microbatches} "
+            f"microbatches ({pl.schedule}), {pl.layers // pl.stages} of {pl.layers} layers "
+            f"per stage, bubble {pl.bubble:.0%}"
+        )
     if len(s.candidates) > 1:
         cands = ", ".join(f"{k}: {v * 1e3:.3f} ms" for k, v in s.candidates.items())
         lines.append(f"meshes tried: {cands}")

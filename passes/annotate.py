@@ -45,10 +45,12 @@ def partition_spec(spec: Spec, names) -> PartitionSpec:
     return PartitionSpec(*dims)
 
 
-def interpreter(graph: OpGraph, layout: Layout, mesh: jax.sharding.Mesh):
+def interpreter(graph: OpGraph, layout: Layout, mesh: jax.sharding.Mesh, runners=None):
     """A function of the flat inputs that evaluates graph under the layout. A scan
     planned through its body runs as `jax.lax.scan` over the same body operations,
-    with the body's values constrained to their planned layouts."""
+    with the body's values constrained to their planned layouts; a loop id in
+    `runners` runs as runners[id](operands) -> results instead (pipeline stages)."""
+    runners = runners or {}
     names = mesh.axis_names
     specs = layout.value_specs
     regions: dict[int, list] = {}
@@ -81,8 +83,16 @@ def interpreter(graph: OpGraph, layout: Layout, mesh: jax.sharding.Mesh):
         body_in = [n.outputs[0] for n in enter]
         outer = [operand(env, n, 0) for n in enter]
         nc, nk = loop.num_consts, loop.num_carry
-        carry_in = body_in[nc : nc + nk]
         values = graph.values
+        if loop.id in runners:
+            outer = [
+                as_array(x, values[v], values[v].shape) if i < nc + nk else x
+                for i, (x, v) in enumerate(zip(outer, body_in, strict=True))
+            ]
+            for n, x in zip(exits, runners[loop.id](outer), strict=True):
+                env[n.outputs[0]] = constrain(x, specs[n.outputs[0]])
+            return
+        carry_in = body_in[nc : nc + nk]
 
         def carry(x, v):
             return constrain(as_array(x, values[v], values[v].shape), specs[v])

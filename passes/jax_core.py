@@ -50,6 +50,13 @@ def is_dropvar(var: Any) -> bool:
     return type(var).__name__ == "DropVar"
 
 
+def eval_jaxpr(closed: ClosedJaxpr, *args: Any) -> list[Any]:
+    """Evaluate a closed jaxpr on arguments (under any active trace)."""
+    import jax
+
+    return jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *args)
+
+
 def bind(primitive: Primitive, invals: list[Any], params: dict[str, Any]) -> list[Any]:
     """Apply a primitive to values; always returns a list of outputs."""
     bind_params = primitive.get_bind_params(params)
