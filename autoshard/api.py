@@ -12,7 +12,13 @@ from jax.sharding import NamedSharding
 
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
-from autoshard.mesh import candidate_meshes, default_hardware
+from autoshard.mesh import (
+    AbstractTarget,
+    candidate_meshes,
+    default_hardware,
+    is_abstract,
+    resolve_devices,
+)
 from autoshard.passes.annotate import interpreter
 from autoshard.passes.graph import build_graph
 from autoshard.passes.trace import trace
@@ -39,8 +45,8 @@ class Parallelized:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.mesh = mesh
-        self.devices = list(devices) if devices is not None else jax.devices()
-        self.hardware = hardware or default_hardware(self.devices)
+        self.devices = resolve_devices(devices)
+        self.hardware = hardware or default_hardware(self.devices, mesh)
         if not isinstance(self.hardware, Hardware):
             raise TypeError(
                 f"autoshard: hardware must be an autoshard.Hardware, got {type(hardware).__name__}"
@@ -90,6 +96,8 @@ class Parallelized:
         mp, tried = _search.search(graph, meshes, self.hardware, self.time_limit, budget, donated)
         self.solve_count += 1
         plan = _make_plan(mp, graph, tried, time.perf_counter() - t0)
+        if is_abstract(plan.mesh):
+            return plan, AbstractTarget(plan)
         run = interpreter(graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)
@@ -162,7 +170,7 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time) -> Plan:
     cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, memory)
     r = mp.result
     stats = SolverStats(
-        tuple(mp.mesh.devices.shape),
+        tuple(mp.mesh.axis_sizes),
         len(mp.problem.roots),
         len(graph.nodes),
         r.num_variables,
@@ -206,11 +214,15 @@ def parallelize(
     Args:
       fn: the step, e.g. `train_step(state, batch) -> (state, metrics)`.
       mesh: None (try every 1-D/2-D/3-D mesh of the devices), a shape tuple such as
-        (2, 4), or a `jax.sharding.Mesh` (its devices and axis names are kept).
+        (2, 4), a `jax.sharding.Mesh` (its devices and axis names are kept), or a
+        `jax.sharding.AbstractMesh` (plan for a mesh of any size, without devices).
       hardware: `autoshard.Hardware` to price plans with; default from the devices.
       donate_argnums: arguments whose buffers the step may reuse (e.g. 0 for state).
       time_limit: seconds the ILP solver may spend per mesh before its best answer.
-      devices: devices to use (default `jax.devices()`).
+      devices: devices to use (default `jax.devices()`), or an int: plan for that many
+        devices this process does not have (an abstract target; needs `hardware`).
+        With `mesh=jax.sharding.AbstractMesh(...)` too, the plan is abstract:
+        `.plan()` works from ShapeDtypeStructs, calling or lowering raises.
       memory_budget: bytes per device no plan may exceed (arguments, outputs that do
         not reuse a donated buffer, and the peak of live intermediates, as
         `plan.cost.memory["total"]` reports it). Default: the hardware's memory less

@@ -81,7 +81,8 @@ class Plan:
     def summary(self) -> str:
         """A readable table: mesh, every input leaf with shape and spec, predicted costs."""
         mesh = ", ".join(f"{n}={s}" for n, s in self.mesh.shape.items())
-        lines = [f"mesh: ({mesh})  [{len(self.mesh.devices.flat)} devices]"]
+        abstract = ", abstract" if _is_abstract(self.mesh) else ""
+        lines = [f"mesh: ({mesh})  [{self.mesh.size} devices{abstract}]"]
         width = max((len(e.path) for e in self.inputs), default=10)
         lines.append(f"{'input':<{width}}  {'shape':<16} {'dtype':<8} spec")
         for e in self.inputs:
@@ -108,7 +109,11 @@ class Plan:
     def to_json(self) -> str:
         """The plan as JSON: mesh shape and names, specs, costs, solver stats."""
         doc = {
-            "mesh": {"shape": list(self.mesh.devices.shape), "names": list(self.mesh.axis_names)},
+            "mesh": {
+                "shape": list(self.mesh.axis_sizes),
+                "names": list(self.mesh.axis_names),
+                "abstract": _is_abstract(self.mesh),
+            },
             "in_specs": _specs_to_json(self.in_specs),
             "out_specs": _specs_to_json(self.out_specs),
             "inputs": [
@@ -132,17 +137,20 @@ class Plan:
     @classmethod
     def load(cls, path: str, devices=None) -> Plan:
         """Read a saved plan (for inspection and comparison; it carries no layout of
-        intermediates, so run steps through parallelize, which re-plans)."""
+        intermediates, so run steps through parallelize, which re-plans). A plan for
+        an abstract mesh, or for more devices than there are, comes back on a jax
+        AbstractMesh."""
         with open(path) as f:
             doc = json.load(f)
         devices = jax.devices() if devices is None else devices
-        shape = tuple(doc["mesh"]["shape"])
-        mesh = jax.make_mesh(
-            shape,
-            tuple(doc["mesh"]["names"]),
-            axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
-            devices=devices[: math.prod(shape)],
-        )
+        shape, names = tuple(doc["mesh"]["shape"]), tuple(doc["mesh"]["names"])
+        types = (jax.sharding.AxisType.Auto,) * len(shape)
+        if doc["mesh"].get("abstract") or math.prod(shape) > len(devices):
+            mesh = jax.sharding.AbstractMesh(shape, names, axis_types=types)
+        else:
+            mesh = jax.make_mesh(
+                shape, names, axis_types=types, devices=devices[: math.prod(shape)]
+            )
         cost = doc["cost"]
         cost["collectives"] = {k: tuple(v) for k, v in cost["collectives"].items()}
         solver = doc["solver"]
@@ -159,6 +167,10 @@ class Plan:
             SolverStats(**solver),
             entries,
         )
+
+
+def _is_abstract(mesh) -> bool:
+    return isinstance(mesh, jax.sharding.AbstractMesh)
 
 
 def _pspec(p: PartitionSpec) -> str:

@@ -25,6 +25,24 @@ class MeshDesc:
 
 
 @dataclass(frozen=True)
+class Level:
+    """One level of a cluster's interconnect: a domain of `devices` devices joined by
+    links of `bandwidth` bytes/second per device and `latency` seconds per collective
+    (e.g. NVLink within an 8-GPU node, ICI within a TPU slice). `devices=None` for the
+    outermost level, which joins the domains below it (InfiniBand, DCN).
+
+    Example:
+      >>> Level("nvlink", 8, 450e9, 3e-6).devices
+      8
+    """
+
+    name: str
+    devices: int | None
+    bandwidth: float
+    latency: float
+
+
+@dataclass(frozen=True)
 class Hardware:
     """What one device can do, for the cost model.
 
@@ -45,6 +63,11 @@ class Hardware:
         hidden behind compute (FSDP prefetches the next layer's parameters while this
         one computes; Zhao et al. 2023, "PyTorch FSDP"). 0 charges it in full, as on
         the CPU backend, whose collectives are synchronous.
+      levels: the cluster's interconnect levels, innermost first (see `Level`). Devices
+        are numbered row-major over the mesh, so the last (minor) mesh axes stay inside
+        a node and the first (major) ones cross nodes: a mesh axis whose device groups
+        fit inside a level's domain gets that level's numbers, else the next level's.
+        Empty: `bandwidth` and `latency` apply as given.
 
     Example:
       >>> from autoshard import Hardware
@@ -61,6 +84,7 @@ class Hardware:
     name: str = "custom"
     reduce_scatter: bool = True
     prefetch_overlap: float = 0.0
+    levels: tuple[Level, ...] = ()
 
     def _per_axis(self, value, axis: int) -> float:
         if isinstance(value, tuple | list):
@@ -78,8 +102,50 @@ class Hardware:
     def axis_latency(self, axis: int) -> float:
         return self._per_axis(self.latency, axis)
 
+    def axis_levels(self, shape: tuple[int, ...]) -> tuple[Level, ...]:
+        """The level each axis of a mesh of this shape runs over: the innermost level
+        whose domain holds every group of devices along the axis (an axis whose groups
+        straddle domains runs at the speed of the slower level).
+
+        Example:
+          >>> hw = Hardware(1e15, 1.0, levels=(Level("nvlink", 8, 4.5e11, 3e-6),
+          ...                                   Level("ib", None, 5e10, 1e-5)))
+          >>> [lv.name for lv in hw.axis_levels((4, 8))]
+          ['ib', 'nvlink']
+        """
+        out, inner = [], 1
+        for size in reversed(shape):
+            span = inner * size
+            fits = [lv for lv in self.levels if lv.devices is None or lv.devices % span == 0]
+            out.append(fits[0] if fits else self.levels[-1])
+            inner = span
+        return tuple(reversed(out))
+
+    def for_mesh(self, shape: tuple[int, ...]) -> Hardware:
+        """This hardware with one bandwidth and latency per axis of a mesh of this
+        shape, from its levels (itself when it has none).
+
+        Example:
+          >>> hw = Hardware(1e15, 1.0, levels=(Level("nvlink", 8, 4.5e11, 3e-6),
+          ...                                   Level("ib", None, 5e10, 1e-5)))
+          >>> hw.for_mesh((4, 8)).bandwidth
+          (50000000000.0, 450000000000.0)
+        """
+        if not self.levels:
+            return self
+        lvs = self.axis_levels(tuple(shape))
+        return replace(
+            self,
+            bandwidth=tuple(lv.bandwidth for lv in lvs),
+            latency=tuple(lv.latency for lv in lvs),
+            levels=(),
+        )
+
     def per_axis_count(self) -> int | None:
-        """Number of mesh axes the per-axis numbers are for (None when uniform)."""
+        """Number of mesh axes the per-axis numbers are for (None when uniform or when
+        levels give numbers for any mesh)."""
+        if self.levels:
+            return None
         for v in (self.bandwidth, self.latency):
             if isinstance(v, tuple | list):
                 return len(v)
