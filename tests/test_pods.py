@@ -2,6 +2,7 @@
 hierarchical interconnects (levels), and the spec-sheet presets."""
 
 import doctest
+import inspect
 
 import jax
 import pytest
@@ -9,7 +10,7 @@ from util import CPU
 
 import autoshard
 from autoshard.cost_model import hardware
-from autoshard.cost_model.hardware import Hardware, Level
+from autoshard.cost_model.hardware import PRESETS, Hardware, Level
 from autoshard.models import gpt_scan, mlp
 from autoshard.models.common import abstract_setup
 from autoshard.plan import Plan
@@ -107,3 +108,28 @@ def test_the_slow_axis_carries_only_the_gradient_all_reduce():
 @pytest.mark.parametrize("module", [autoshard.mesh, hardware], ids=["mesh", "hardware"])
 def test_docstring_examples_run(module):
     assert doctest.testmod(module).failed == 0
+
+
+ACCELERATORS = ["tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "a100", "h100", "h200", "b200"]
+
+
+@pytest.mark.parametrize("name", ACCELERATORS)
+def test_presets_are_sane_and_cite_a_source(name):
+    hw = PRESETS[name]
+    assert hw.name == name
+    assert 1e14 < hw.flops < 1e16 and 15e9 < hw.memory < 250e9
+    assert hw.memory_bandwidth > hw.levels[0].bandwidth > 0
+    speeds = [lv.bandwidth for lv in hw.levels]
+    assert speeds == sorted(speeds, reverse=True) and hw.levels[-1].devices is None
+    assert all(lv.latency > 0 for lv in hw.levels)
+    # the comment block right above the preset's definition names its source
+    lines = inspect.getsource(hardware).splitlines()
+    at = next(
+        i for i, line in enumerate(lines) if line.startswith(f"_{name.upper()}".replace("-", "_"))
+    )
+    comment = []
+    for line in reversed(lines[:at]):
+        if not line.startswith("#"):
+            break
+        comment.append(line)
+    assert any("https://" in line for line in comment), name
