@@ -10,6 +10,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
+from autoshard import export
 from autoshard.passes.annotate import Layout
 
 
@@ -105,6 +106,17 @@ class Plan:
             cands = ", ".join(f"{k}: {v * 1e3:.3f} ms" for k, v in s.candidates.items())
             lines.append(f"meshes tried: {cands}")
         return "\n".join(lines)
+
+    def export(self, rules: bool = False) -> str:
+        """This plan as Python source people write by hand: every input's PartitionSpec,
+        or with rules=True MaxText-style logical-axis rules (see `autoshard.export`).
+
+        Example:
+          >>> print(plan.export(rules=True))          # doctest: +SKIP
+        """
+        if rules:
+            return export.logical_rules_source(self)
+        return export.partition_specs_source(self)
 
     def to_json(self) -> str:
         """The plan as JSON: mesh shape and names, specs, costs, solver stats."""
