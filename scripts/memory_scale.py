@@ -55,6 +55,7 @@ CASES = [
     ("llama-7b shape /16, unrolled", llama.setup, _llama(256, 4, 256, 4096), 16),
     # real sizes (layers under scan; compile-only, nothing is allocated)
     ("real gpt2-small, scan", gpt_scan.setup, _gpt(768, 12, 1024, 50304), 8),
+    ("real gpt2-small, unrolled", gpt.setup, _gpt(768, 12, 1024, 50304), 8),
     ("real gpt2-medium, scan", gpt_scan.setup, _gpt(1024, 24, 1024, 50304), 8),
     ("real 7b-shape gpt, scan", gpt_scan.setup, _gpt(4096, 32, 2048, 32000), 8),
 ]
