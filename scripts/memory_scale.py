@@ -10,6 +10,7 @@ over all layers.
 
     .venv/bin/python scripts/memory_scale.py            # all cases
     .venv/bin/python scripts/memory_scale.py scan       # names containing "scan"
+    MESH=4,8 .venv/bin/python scripts/memory_scale.py llama   # 32 emulated devices
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import os
 import sys
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+MESH = tuple(int(a) for a in os.environ.get("MESH", "2,4").split(","))
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={MESH[0] * MESH[1]}")
 
 import jax  # noqa: E402
 
@@ -27,7 +29,6 @@ from autoshard.models import gpt, gpt_scan, llama  # noqa: E402
 from autoshard.models.common import abstract_setup  # noqa: E402
 
 HW = autoshard.PRESETS["cpu"].with_(memory=1e12, name="cpu, no budget")
-MESH = (2, 4)
 
 
 def _gpt(d, layers, seq, vocab):
@@ -36,7 +37,7 @@ def _gpt(d, layers, seq, vocab):
     )
 
 
-def _llama(d, layers, seq, vocab):
+def _llama(d, layers, seq, vocab, dtype="float32"):
     return llama.LlamaConfig(
         vocab=vocab,
         d_model=d,
@@ -45,6 +46,7 @@ def _llama(d, layers, seq, vocab):
         n_layers=layers,
         seq_len=seq,
         d_ff=8 * d // 3 // 64 * 64,
+        dtype=dtype,
     )
 
 
@@ -53,6 +55,7 @@ CASES = [
     ("gpt2-small shape /4, scan", gpt_scan.setup, _gpt(192, 4, 256, 4096), 16),
     ("gpt2-medium shape /4, scan", gpt_scan.setup, _gpt(256, 8, 256, 4096), 16),
     ("llama-7b shape /16, unrolled", llama.setup, _llama(256, 4, 256, 4096), 16),
+    ("llama-7b shape /16, bf16, unrolled", llama.setup, _llama(256, 4, 256, 4096, "bfloat16"), 16),
     # real sizes (layers under scan; compile-only, nothing is allocated)
     ("real gpt2-small, scan", gpt_scan.setup, _gpt(768, 12, 1024, 50304), 8),
     ("real gpt2-small, unrolled", gpt.setup, _gpt(768, 12, 1024, 50304), 8),
