@@ -5,7 +5,7 @@ def train_step(state, batch): ...
 """
 
 from autoshard.api import Parallelized, parallelize
-from autoshard.cost_model.hardware import PRESETS, Hardware
+from autoshard.cost_model.hardware import PRESETS, Hardware, Level
 from autoshard.hlo import Collective, collectives, parse_collectives
 from autoshard.plan import Cost, Plan, SolverStats
 from autoshard.search import MemoryBudgetError
@@ -15,6 +15,7 @@ __all__ = [
     "Collective",
     "Cost",
     "Hardware",
+    "Level",
     "MemoryBudgetError",
     "Parallelized",
     "Plan",
