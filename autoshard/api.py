@@ -14,7 +14,13 @@ from autoshard import boundary as _boundary
 from autoshard import pipeline as _pipeline
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
-from autoshard.mesh import candidate_meshes, default_hardware
+from autoshard.mesh import (
+    AbstractTarget,
+    candidate_meshes,
+    default_hardware,
+    is_abstract,
+    resolve_devices,
+)
 from autoshard.passes.annotate import interpreter
 from autoshard.passes.graph import Lit, build_graph
 from autoshard.passes.trace import trace
@@ -49,8 +55,8 @@ class Parallelized:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.mesh = mesh
-        self.devices = list(devices) if devices is not None else jax.devices()
-        self.hardware = hardware or default_hardware(self.devices)
+        self.devices = resolve_devices(devices)
+        self.hardware = hardware or default_hardware(self.devices, mesh)
         if not isinstance(self.hardware, Hardware):
             raise TypeError(
                 f"autoshard: hardware must be an autoshard.Hardware, got {type(hardware).__name__}"
@@ -114,6 +120,11 @@ class Parallelized:
             budget,
         )
         if isinstance(self.pipeline, _pipeline.Pipeline):
+            if any(is_abstract(m) for m in meshes):
+                raise ValueError(
+                    "autoshard: a forced pipeline runs on devices this process has; plan an "
+                    "abstract mesh with pipeline='auto' or None."
+                )
             if any(pinned):
                 raise ValueError(
                     "autoshard: a forced pipeline does not take pinned layouts (in_shardings, "
@@ -127,11 +138,14 @@ class Parallelized:
             )
             out_pins = {v: p for v, _, p in pins.outputs if p is not None}
             plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
-            run = interpreter(graph, plan.layout, plan.mesh)
+            # an abstract plan has no devices to run on (nor to pipeline over)
+            run = None if is_abstract(plan.mesh) else interpreter(graph, plan.layout, plan.mesh)
             # a pipeline would ignore the user's pins: only without them
-            if self.pipeline == _pipeline.AUTO and not any(pinned):
+            if self.pipeline == _pipeline.AUTO and not any(pinned) and run is not None:
                 plan, run = _pipeline.auto(ctx, meshes, plan.cost.time) or (plan, run)
         self.solve_count += 1
+        if run is None:
+            return plan, AbstractTarget(plan), None
         flat_in = [
             NamedSharding(plan.mesh, s)
             for s in jax.tree_util.tree_leaves(plan.in_specs, is_leaf=_is_p)
@@ -163,6 +177,8 @@ class Parallelized:
 
     def __call__(self, *args, **kwargs):
         call, (_, jitted, shardings) = self._entry(args, kwargs)
+        if isinstance(jitted, AbstractTarget):
+            jitted()  # raises: the plan is for devices this process does not have
         return call.finish(jitted(*_boundary.place(call.dyn, shardings)))
 
 
@@ -210,7 +226,7 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time, out_pins=None) -> 
     cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, memory, by_kind)
     r = mp.result
     stats = SolverStats(
-        tuple(mp.mesh.devices.shape),
+        tuple(mp.mesh.axis_sizes),
         len(mp.problem.roots),
         len(graph.nodes),
         r.num_variables,
@@ -260,11 +276,15 @@ def parallelize(
     Args:
       fn: the step, e.g. `train_step(state, batch) -> (state, metrics)`.
       mesh: None (try every 1-D/2-D/3-D mesh of the devices), a shape tuple such as
-        (2, 4), or a `jax.sharding.Mesh` (its devices and axis names are kept).
+        (2, 4), a `jax.sharding.Mesh` (its devices and axis names are kept), or a
+        `jax.sharding.AbstractMesh` (plan for a mesh of any size, without devices).
       hardware: `autoshard.Hardware` to price plans with; default from the devices.
       donate_argnums: arguments whose buffers the step may reuse (e.g. 0 for state).
       time_limit: seconds the ILP solver may spend per mesh before its best answer.
-      devices: devices to use (default `jax.devices()`).
+      devices: devices to use (default `jax.devices()`), or an int: plan for that many
+        devices this process does not have (an abstract target; needs `hardware`).
+        With `mesh=jax.sharding.AbstractMesh(...)` too, the plan is abstract:
+        `.plan()` works from ShapeDtypeStructs, calling or lowering raises.
       memory_budget: bytes per device no plan may exceed (arguments, outputs that do
         not reuse a donated buffer, and the peak of live intermediates, as
         `plan.cost.memory["total"]` reports it). Default: the hardware's memory less

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
-from autoshard import report
+from autoshard import export, report
 from autoshard.cost_model.pipeline import PipelineChoice
 from autoshard.passes.annotate import Layout
 
@@ -128,10 +128,25 @@ class Plan:
         to_sharding = lambda p: jax.sharding.NamedSharding(self.mesh, p)
         return jax.tree_util.tree_map(to_sharding, self.in_specs, is_leaf=_is_spec)
 
+    def export(self, rules: bool = False) -> str:
+        """This plan as Python source people write by hand: every input's PartitionSpec,
+        or with rules=True MaxText-style logical-axis rules (see `autoshard.export`).
+
+        Example:
+          >>> print(plan.export(rules=True))          # doctest: +SKIP
+        """
+        if rules:
+            return export.logical_rules_source(self)
+        return export.partition_specs_source(self)
+
     def to_json(self) -> str:
         """The plan as JSON: mesh shape and names, specs, costs, solver stats."""
         doc = {
-            "mesh": {"shape": list(self.mesh.devices.shape), "names": list(self.mesh.axis_names)},
+            "mesh": {
+                "shape": list(self.mesh.axis_sizes),
+                "names": list(self.mesh.axis_names),
+                "abstract": _is_abstract(self.mesh),
+            },
             "in_specs": _specs_to_json(self.in_specs),
             "out_specs": _specs_to_json(self.out_specs),
             "inputs": [
@@ -156,17 +171,20 @@ class Plan:
     @classmethod
     def load(cls, path: str, devices=None) -> Plan:
         """Read a saved plan (for inspection and comparison; it carries no layout of
-        intermediates, so run steps through parallelize, which re-plans)."""
+        intermediates, so run steps through parallelize, which re-plans). A plan for
+        an abstract mesh, or for more devices than there are, comes back on a jax
+        AbstractMesh."""
         with open(path) as f:
             doc = json.load(f)
         devices = jax.devices() if devices is None else devices
-        shape = tuple(doc["mesh"]["shape"])
-        mesh = jax.make_mesh(
-            shape,
-            tuple(doc["mesh"]["names"]),
-            axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
-            devices=devices[: math.prod(shape)],
-        )
+        shape, names = tuple(doc["mesh"]["shape"]), tuple(doc["mesh"]["names"])
+        types = (jax.sharding.AxisType.Auto,) * len(shape)
+        if doc["mesh"].get("abstract") or math.prod(shape) > len(devices):
+            mesh = jax.sharding.AbstractMesh(shape, names, axis_types=types)
+        else:
+            mesh = jax.make_mesh(
+                shape, names, axis_types=types, devices=devices[: math.prod(shape)]
+            )
         cost = doc["cost"]
         cost["collectives"] = {k: tuple(v) for k, v in cost["collectives"].items()}
         solver = doc["solver"]
@@ -184,6 +202,10 @@ class Plan:
             entries,
             pipeline=PipelineChoice(**doc["pipeline"]) if doc.get("pipeline") else None,
         )
+
+
+def _is_abstract(mesh) -> bool:
+    return isinstance(mesh, jax.sharding.AbstractMesh)
 
 
 def _spec_json(p: PartitionSpec) -> list:

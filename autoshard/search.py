@@ -116,7 +116,8 @@ def solve_on_mesh(
     """The cheapest plan on one mesh; with a budget, the cheapest whose per-device
     memory stays within it (result status "infeasible" if none does). pinned: value
     id -> spec the user fixed (autoshard.pins)."""
-    desc = MeshDesc(tuple(mesh.devices.shape), tuple(mesh.axis_names))
+    desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
+    hw = hw.for_mesh(desc.shape)  # per-axis numbers from the hardware's levels
     units = [  # a PRNG key input stays whole
         source_strategies(info.shape, info.nbytes, desc, hw, info.is_key)
         for info in (graph.values[v] for v in graph.inputs)
@@ -260,7 +261,7 @@ def search(
         if mp.result.status == "infeasible":
             over.append(mp)
             continue
-        tried[str(tuple(mesh.devices.shape))] = mp.result.objective
+        tried[str(tuple(mesh.axis_sizes))] = mp.result.objective
         if best is None or mp.result.objective < best.result.objective * (1 - MESH_TIE_BREAK):
             best = mp
     if best is None:
@@ -283,8 +284,8 @@ def _over_budget_message(over: list[MeshPlan], budget: float) -> str:
     )
     return (
         f"autoshard: no plan fits memory_budget={_size(budget)} per device on "
-        f"{mp.mesh.devices.size} devices. The least memory found for any plan is {_size(need)} "
-        f"per device (mesh {tuple(mp.mesh.devices.shape)}); at its peak: {peak}. Raise "
+        f"{mp.mesh.size} devices. The least memory found for any plan is {_size(need)} "
+        f"per device (mesh {tuple(mp.mesh.axis_sizes)}); at its peak: {peak}. Raise "
         "memory_budget (or Hardware(memory=...)), use more devices, or shrink the model or "
         "batch."
     )

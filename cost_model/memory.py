@@ -10,6 +10,7 @@ def live_sets(
     consumed: Sequence[Sequence[int]],
     keep: set[int],
     materialized: set[int] | None = None,
+    reuse: Sequence[int | None] | None = None,
 ) -> list[list[int]]:
     """Per operation, walking them in order, the intermediate values alive once it has
     made its results (its operands still alive).
@@ -20,6 +21,9 @@ def live_sets(
       keep: values alive to the end (step outputs).
       materialized: the values that occupy memory (default all); the others are
         fused into their readers.
+      reuse: per operation, an operand whose buffer its result may take over when
+        this operation is its last reader (XLA writes elementwise results and scatters
+        in place), or None.
 
     A value lives from the operation that makes it to its last reader. Values no
     operation makes (step arguments) are not listed: they are counted as arguments.
@@ -31,6 +35,9 @@ def live_sets(
     live: set[int] = set()
     out = []
     for i, made in enumerate(produced):
+        r = reuse[i] if reuse is not None else None
+        if r is not None and last.get(r) == i and r not in keep:
+            live.discard(r)  # the result is written into r's buffer
         live |= {v for v in made if materialized is None or v in materialized}
         out.append(sorted(live))
         dead = {v for v in consumed[i] if last.get(v) == i and v not in keep}

@@ -188,3 +188,26 @@ def setup_model(
     model = model_cls(config, nnx.Rngs(params=model_key))
     batch = synthetic_batch(config, batch_size, data_key)
     return make_setup(model, loss_fn, batch, config, learning_rate, tx)
+
+
+def abstract_setup(setup: Callable[..., Setup], *args, **kwargs) -> Setup:
+    """``setup(*args, **kwargs)`` with its state and batch as ``jax.ShapeDtypeStruct``s:
+    nothing is initialised or placed on a device, so real-size models plan and
+    compile (``.lower(...).compile()``) in seconds.
+
+    Example:
+      >>> from autoshard.models import mlp
+      >>> s = abstract_setup(mlp.setup, mlp.tiny(), 4)
+      >>> isinstance(s.batch["x"], jax.ShapeDtypeStruct)
+      True
+    """
+    made = {}
+
+    def build():
+        s = setup(*args, **kwargs)
+        made["setup"] = s
+        return s.state, s.batch
+
+    state, batch = jax.eval_shape(build)
+    s = made["setup"]
+    return Setup(s.train_step, state, batch, s.config)

@@ -17,8 +17,8 @@ import scipy.sparse as sp
 from autoshard.cost_model.ilp import MemoryRow
 from autoshard.cost_model.memory import dfs_order, live_sets
 from autoshard.cost_model.resharding import per_device_bytes
-from autoshard.passes.graph import Lit, OpGraph
-from autoshard.passes.rules.families import FUSIBLE, FUSION_CONSUMERS
+from autoshard.passes.graph import LOOP_SLICE, LOOP_STACK, Lit, OpGraph
+from autoshard.passes.rules.families import ELEMENTWISE, FUSIBLE, FUSION_CONSUMERS
 from autoshard.passes.simplify import Problem
 
 # Cheap producers XLA recomputes inside every fusion that reads them.
@@ -40,7 +40,74 @@ def materialized(graph: OpGraph) -> set[int]:
             shared = len(readers) > 1 and n.name not in _DUPLICATED
             if n.name not in FUSIBLE or not set(readers) <= FUSION_CONSUMERS or shared:
                 keep.add(v)
+    # a scan's stacked results are buffers of [L, ...] the loop writes into, never fused
+    keep |= {v for n in graph.nodes if n.primitive is LOOP_STACK for v in n.outputs}
     return keep
+
+
+# Operations XLA may run in place on their first operand (a scatter updates its
+# operand's buffer); elementwise ones on any operand of the result's shape.
+_IN_PLACE = frozenset({"scatter", "scatter-add", "scatter_add", "dynamic_update_slice"})
+
+
+def in_place_operands(graph: OpGraph, keep: set[int]) -> list[int | None]:
+    """Per node, the materialized operand whose buffer its result can take over (same
+    shape and dtype; an elementwise operation or a scatter), or None. Step arguments
+    are not reused here: donation is counted apart."""
+    args = set(graph.inputs)
+    out: list[int | None] = []
+    for n in graph.nodes:
+        if n.name in _IN_PLACE:
+            cands = n.inputs[:1]
+        elif n.name in ELEMENTWISE:
+            cands = n.inputs
+        else:
+            cands = ()
+        res = graph.values[n.outputs[0]] if n.outputs else None
+        pick = None
+        for r in cands:
+            if isinstance(r, Lit) or r in args or r not in keep or res is None:
+                continue
+            v = graph.values[r]
+            if (v.shape, v.dtype) == (res.shape, res.dtype):
+                pick = r
+                break
+        out.append(pick)
+    return out
+
+
+def loop_spans(graph: OpGraph, order) -> dict[int, tuple[int, int]]:
+    """Per scan, the first and last step (positions in order) of its boundary and
+    body operations, nested loops included."""
+    parent = {lp.id: lp.region for lp in graph.loops}
+    spans: dict[int, tuple[int, int]] = {}
+    for step, op in enumerate(order):
+        n = graph.nodes[op]
+        lid = n.boundary if n.boundary >= 0 else n.region
+        while lid >= 0:
+            s, e = spans.get(lid, (step, step))
+            spans[lid] = (min(s, step), max(e, step))
+            lid = parent[lid]
+    return spans
+
+
+def hold_loop_buffers(graph: OpGraph, order, produced, consumed) -> None:
+    """Make scans' buffers live as XLA's while loops hold them (produced and consumed
+    are per step of order, changed in place): a stacked result [L, ...] exists from
+    the loop's first step (each iteration writes one slice), and a stacked operand
+    stays until the loop's last step (each iteration reads one slice). So the
+    residuals a forward scan saves for the backward one are alive, all layers of
+    them, while the backward loop runs."""
+    spans = loop_spans(graph, order)
+    for step, op in enumerate(order):
+        n = graph.nodes[op]
+        if n.primitive is LOOP_STACK:
+            start = spans[n.boundary][0]
+            produced[step] = [v for v in produced[step] if v not in n.outputs]
+            produced[start] = [*produced[start], *n.outputs]
+        elif n.primitive is LOOP_SLICE:
+            end = spans[n.boundary][1]
+            consumed[end] = [*consumed[end], *[r for r in n.inputs if not isinstance(r, Lit)]]
 
 
 class Liveness:
@@ -63,7 +130,10 @@ class Liveness:
         produced = [n.outputs for n in g.nodes]
         consumed = [[r for r in n.inputs if not isinstance(r, Lit)] for n in g.nodes]
         order = dfs_order(produced, consumed, [r for r in g.outputs if not isinstance(r, Lit)])
-        sets = live_sets([produced[i] for i in order], [consumed[i] for i in order], outs, keep)
+        made, read = [list(produced[i]) for i in order], [list(consumed[i]) for i in order]
+        hold_loop_buffers(g, order, made, read)
+        reuse = in_place_operands(g, keep)
+        sets = live_sets(made, read, outs, keep, [reuse[i] for i in order])
         rows = [step for step, live in enumerate(sets) for _ in live]
         cols = [v for live in sets for v in live]
         self.outputs = frozenset(outs)
