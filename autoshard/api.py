@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from autoshard import boundary as _boundary
+from autoshard import distributed as _distributed
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
 from autoshard.mesh import candidate_meshes, default_hardware
@@ -91,12 +92,17 @@ class Parallelized:
         budget = self.memory_budget
         if budget is None:
             budget = self.hardware.memory * (1 - MEMORY_HEADROOM)
-        mp, tried = _search.search(
-            graph, meshes, self.hardware, self.time_limit, budget, donated, pinned
-        )
-        self.solve_count += 1
         out_pins = {v: p for v, _, p in pins.outputs if p is not None}
-        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
+
+        def solve() -> Plan:
+            mp, tried = _search.search(
+                graph, meshes, self.hardware, self.time_limit, budget, donated, pinned
+            )
+            self.solve_count += 1
+            return _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
+
+        # under jax.distributed, process 0 plans and every process runs its plan
+        plan = _distributed.agree(solve, graph)
         run = interpreter(graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)
