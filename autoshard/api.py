@@ -102,7 +102,7 @@ class Parallelized:
             return _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
 
         # under jax.distributed, process 0 plans and every process runs its plan
-        plan = _distributed.agree(solve, graph)
+        plan = _distributed.agree(solve, graph, self.devices)
         run = interpreter(graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)

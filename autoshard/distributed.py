@@ -47,38 +47,44 @@ KEY_PREFIX = "autoshard/plan"
 
 # Errors process 0 may hit while planning, raised again as the same class elsewhere.
 _ERRORS = {e.__name__: e for e in (MemoryBudgetError, ValueError, TypeError)}
-# How many plans this process has agreed on per graph digest (the key's last part).
+# How many plans this process has agreed on per leader and graph digest (the key's
+# last part: the same step may be planned more than once, e.g. for two meshes).
 _counts: dict[str, int] = {}
 
 
 class PlanTimeoutError(RuntimeError):
-    """Process 0 did not publish the plan this process waits for in time."""
+    """The planning process did not publish the plan this process waits for in time."""
 
 
-def agree(solve: Callable[[], Plan], graph: OpGraph) -> Plan:
-    """The plan every process runs: `solve()` on process 0, shared with the others.
+def agree(solve: Callable[[], Plan], graph: OpGraph, devices) -> Plan:
+    """The plan every process runs: `solve()` on one process, shared with the others.
 
-    With one process this is `solve()`. With several, process 0 solves and publishes
-    the plan; the others wait for it (see the module docstring) and never call solve.
+    With one process, or devices all of this process, this is `solve()`. Otherwise
+    the lowest-numbered process that owns devices of the step (process 0 when the step
+    runs over all devices) solves and publishes the plan; the others wait for it (see
+    the module docstring) and never call solve.
 
     Args:
-      solve: plans the step on this process (called on process 0 only).
+      solve: plans the step on this process (called on the publishing process only).
       graph: the step's graph, the same on every process.
+      devices: the devices the step is planned over.
 
     Returns:
       The Plan, decoded from the published bytes on every process.
 
     Example:
-      >>> plan = agree(lambda: plan_the_step(), graph)   # doctest: +SKIP
+      >>> plan = agree(lambda: plan_the_step(), graph, jax.devices())   # doctest: +SKIP
     """
-    if jax.process_count() == 1:
-        return solve()
+    owners = {d.process_index for d in devices}
+    if owners == {jax.process_index()}:
+        return solve()  # nothing crosses processes: no other process runs this plan
+    leader = min(owners)  # process 0 when the step runs over all devices
     client = _client()
-    digest = graph_digest(graph)
-    n = _counts.get(digest, 0)
-    _counts[digest] = n + 1
-    key = f"{KEY_PREFIX}/{digest}/{n}"
-    if jax.process_index() == 0:
+    name = f"{KEY_PREFIX}/{leader}/{graph_digest(graph)}"
+    n = _counts.get(name, 0)
+    _counts[name] = n + 1
+    key = f"{name}/{n}"
+    if jax.process_index() == leader:
         try:
             data = encode(solve())
         except Exception as e:
@@ -86,7 +92,7 @@ def agree(solve: Callable[[], Plan], graph: OpGraph) -> Plan:
             raise
         client.key_value_set_bytes(key, data)
     else:
-        data = _wait(client, key)
+        data = _wait(client, key, leader)
     return decode(data, graph)
 
 
@@ -114,22 +120,22 @@ def _timeout() -> float:
         ) from None
 
 
-def _wait(client, key: str) -> bytes:
+def _wait(client, key: str, leader: int) -> bytes:
     timeout = _timeout()
     try:
         data = client.blocking_key_value_get_bytes(key, int(timeout * 1000))
     except Exception as e:  # jaxlib raises its own error type for DEADLINE_EXCEEDED
         raise PlanTimeoutError(
-            f"autoshard: process {jax.process_index()} waited {timeout:g} s for process 0 "
+            f"autoshard: process {jax.process_index()} waited {timeout:g} s for process {leader} "
             f"to publish the plan under '{key}' and got none ({type(e).__name__}). Every "
             "process must call the decorated step (or .plan/.lower) with the same arguments "
-            "in the same order; if process 0 is still planning, raise "
+            f"in the same order; if process {leader} is still planning, raise "
             f"{TIMEOUT_ENV} (seconds) or lower time_limit."
         ) from e
     doc = json.loads(zlib.decompress(data))
     if "error" in doc:
         cls = _ERRORS.get(doc["error"], RuntimeError)
-        raise cls(f"autoshard: planning failed on process 0: {doc['message']}")
+        raise cls(f"autoshard: planning failed on process {leader}: {doc['message']}")
     return data
 
 
@@ -206,7 +212,7 @@ def decode(data: bytes, graph: OpGraph) -> Plan:
     layout = Layout(**{k: _tuples(v) for k, v in doc["layout"].items()})
     if len(layout.value_specs) != len(graph.values) or len(doc["inputs"]) != len(traced.in_avals):
         raise RuntimeError(
-            "autoshard: the plan process 0 published does not fit the step this process "
+            "autoshard: the plan published by another process does not fit the step this process "
             "traced: every process must run the same step on arguments of the same shapes."
         )
     in_flat = [_from_spec(s) for s in doc["in_specs"]]
@@ -236,7 +242,7 @@ def _mesh(doc: dict) -> jax.sharding.Mesh:
     missing = [i for i in doc["ids"] if i not in by_id]
     if missing:
         raise RuntimeError(
-            f"autoshard: process 0 planned on devices {missing} that this process does not "
+            f"autoshard: another process planned on devices {missing} that this process does not "
             "see in jax.devices(): every process must see the same global devices."
         )
     devices = np.array([by_id[i] for i in doc["ids"]], dtype=object).reshape(doc["shape"])

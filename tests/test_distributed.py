@@ -16,9 +16,13 @@ import jax
 import numpy as np
 import optax
 import pytest
-from util import assert_close
+from util import assert_close, assert_sharded
 
+import autoshard
+from autoshard import boundary, distributed
 from autoshard.models import mlp
+from autoshard.passes.graph import build_graph
+from autoshard.passes.trace import trace
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TIMEOUT_S = 120
@@ -103,3 +107,28 @@ def test_two_processes_agree_and_match_single_device(tmp_path):
     assert own.startswith("autoshard: no plan fits memory_budget"), own
     assert reports[1]["budget_error"] == "autoshard: planning failed on process 0: " + own
     assert "waited 1 s for process 0" in reports[1]["timeout_error"]
+
+
+def _graph(step, *args):
+    call = boundary.split_call(step.fn, step.conventions, args, {})
+    return build_graph(trace(call.pure, call.dyn, call.names))
+
+
+def test_published_plan_decodes_to_the_same_plan():
+    """What process 0 publishes rebuilds the plan exactly: specs, layout, mesh, costs."""
+    s = mlp.setup(mlp.tiny(), batch_size=BATCH, tx=optax.sgd(0.1))
+    step = autoshard.parallelize(s.train_step, mesh=(2, 4))
+    plan = step.plan(s.state, s.batch)
+    assert_sharded(plan)
+    graph = _graph(step, s.state, s.batch)
+    again = distributed.decode(distributed.encode(plan), graph)
+    assert again.to_json() == plan.to_json()
+    assert again.layout == plan.layout
+    assert again.mesh == plan.mesh
+    assert jax.tree.leaves(again.shardings()) == jax.tree.leaves(plan.shardings())
+    # the key names the traced step: the same step traced again has the same digest,
+    # another batch size another one
+    digest = distributed.graph_digest(graph)
+    assert distributed.graph_digest(_graph(step, s.state, s.batch)) == digest
+    small = jax.tree.map(lambda x: x[:8], s.batch)
+    assert distributed.graph_digest(_graph(step, s.state, small)) != digest
