@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import distributed_worker
 import jax
 import numpy as np
 import optax
-import pytest
 from util import assert_close, assert_sharded
 
 import autoshard
@@ -26,7 +26,6 @@ from autoshard.passes.trace import trace
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TIMEOUT_S = 120
-STEPS, BATCH = 2, 64  # as in the worker
 
 
 def _free_port() -> int:
@@ -43,41 +42,39 @@ def _env() -> dict:
 
 
 def _run_job(out: Path) -> tuple[list[dict], float]:
-    """Both processes' reports and the job's wall time; the processes are killed if
-    the job fails or overruns."""
+    """Both processes' reports and the job's wall time. If a process fails, the other
+    is killed at once (it would wait for it); both are killed if the job overruns."""
     port, t0 = _free_port(), time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(i), str(port), str(out)],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [""] * 2
+    logs = [out / f"log{i}.txt" for i in range(2)]
+    procs = []
     try:
+        for i in range(2):
+            with open(logs[i], "w") as log:
+                cmd = [sys.executable, str(WORKER), str(i), str(port), str(out)]
+                procs.append(subprocess.Popen(cmd, env=_env(), stdout=log, stderr=log))
         deadline = time.monotonic() + TIMEOUT_S
-        for i, p in enumerate(procs):
-            logs[i], _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the 2-process job did not finish in {TIMEOUT_S} s")
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.1)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+            p.wait()
+    codes = [p.returncode for p in procs]
+    assert codes == [0, 0], f"exit codes {codes} (negative: killed, after the other failed " + (
+        f"or past {TIMEOUT_S} s)\n" + "\n".join(log.read_text()[-3000:] for log in logs)
+    )
     seconds = time.perf_counter() - t0
     return [json.loads((out / f"process{i}.json").read_text()) for i in range(2)], seconds
 
 
-def _reference():
-    s = mlp.setup(mlp.tiny(), batch_size=BATCH, tx=optax.sgd(0.1))
+def _reference(case: str):
+    """The single-device step's state and losses after STEPS steps."""
+    s, _ = distributed_worker.make_setup(case)
     step, state, losses = jax.jit(s.train_step), s.state, []
-    for _ in range(STEPS):
+    for _ in range(distributed_worker.STEPS):
         state, metrics = step(state, s.batch)
         losses.append(metrics["loss"])
     return state, losses
@@ -85,23 +82,27 @@ def _reference():
 
 def test_two_processes_agree_and_match_single_device(tmp_path):
     reports, seconds = _run_job(tmp_path)
-    print(f"2-process job: {seconds:.1f} s", [round(r["run_s"], 2) for r in reports])
-    # one plan everywhere, planned by process 0 alone
-    assert reports[0]["plan"] == reports[1]["plan"]
-    assert reports[0]["layout"] == reports[1]["layout"]
-    assert reports[0]["mesh_ids"] == reports[1]["mesh_ids"]
-    assert [r["solve_count"] for r in reports] == [1, 0]
-    plan = json.loads(reports[0]["plan"])
-    assert plan["mesh"]["shape"] == [2, 4]
-    assert reports[0]["split_values"] > 0  # the plan splits tensors across both processes
-    assert reports[0]["batch_spec"] == [["x", "y"]], reports[0]["batch_spec"]
-    # every process fetched the single-device step's results
-    ref = _reference()
-    flat_ref, tree = jax.tree.flatten(ref)
-    for i in range(2):
-        with np.load(tmp_path / f"process{i}.npz") as got:
-            out = jax.tree.unflatten(tree, [got[f"leaf{k}"] for k in range(len(flat_ref))])
-        assert_close(out, ref, atol=2e-6)
+    print(f"2-process job: {seconds:.1f} s")
+    for case in distributed_worker.CASES:
+        got = [r[case] for r in reports]
+        # one plan everywhere, planned by process 0 alone
+        for key in ("plan", "layout", "mesh_ids", "split"):
+            assert got[0][key] == got[1][key], (case, key)
+        assert [r["solve_count"] for r in got] == [1, 0]
+        assert json.loads(got[0]["plan"])["mesh"]["shape"] == [2, 4]
+        # every process fetched the single-device step's results
+        ref = _reference(case)
+        flat_ref, tree = jax.tree.flatten(ref)
+        for i in range(2):
+            with np.load(tmp_path / f"process{i}_{case}.npz") as npz:
+                out = jax.tree.unflatten(tree, [npz[f"leaf{k}"] for k in range(len(flat_ref))])
+            assert_close(out, ref, atol=2e-6)
+    # the plans split: the batch over both processes; the weights across them
+    data, hybrid = reports[0]["data"]["split"], reports[0]["hybrid"]["split"]
+    assert data["batch['x']"] == [["x", "y"]], data
+    assert hybrid["batch['x']"] == ["y"], hybrid
+    kernels = [spec for path, spec in hybrid.items() if "kernel" in path]
+    assert len(kernels) == 4 and all("x" in spec for spec in kernels), hybrid
     # errors reach every process instead of a hang
     own = reports[0]["budget_error"]
     assert own.startswith("autoshard: no plan fits memory_budget"), own
@@ -116,7 +117,7 @@ def _graph(step, *args):
 
 def test_published_plan_decodes_to_the_same_plan():
     """What process 0 publishes rebuilds the plan exactly: specs, layout, mesh, costs."""
-    s = mlp.setup(mlp.tiny(), batch_size=BATCH, tx=optax.sgd(0.1))
+    s = mlp.setup(mlp.tiny(), batch_size=64, tx=optax.sgd(0.1))
     step = autoshard.parallelize(s.train_step, mesh=(2, 4))
     plan = step.plan(s.state, s.batch)
     assert_sharded(plan)
