@@ -127,7 +127,8 @@ def _wait(client, key: str, leader: int) -> bytes:
     except Exception as e:  # jaxlib raises its own error type for DEADLINE_EXCEEDED
         raise PlanTimeoutError(
             f"autoshard: process {jax.process_index()} waited {timeout:g} s for process {leader} "
-            f"to publish the plan under '{key}' and got none ({type(e).__name__}). Every "
+            f"to publish the plan under '{key}' and got none ({type(e).__name__}: "
+            f"{str(e)[:200]}). Every "
             "process must call the decorated step (or .plan/.lower) with the same arguments "
             f"in the same order; if process {leader} is still planning, raise "
             f"{TIMEOUT_ENV} (seconds) or lower time_limit."
@@ -176,8 +177,6 @@ def encode(plan: Plan) -> bytes:
       >>> decode(encode(plan), graph).in_specs == plan.in_specs   # doctest: +SKIP
       True
     """
-    t_in = plan.inputs
-    in_flat = [e.spec for e in t_in]
     mesh = plan.mesh
     doc = {
         "mesh": {
@@ -185,7 +184,7 @@ def encode(plan: Plan) -> bytes:
             "names": list(mesh.axis_names),
             "ids": [int(d.id) for d in mesh.devices.flat],
         },
-        "in_specs": [_spec(s) for s in in_flat],
+        "in_specs": [_spec(e.spec) for e in plan.inputs],
         "out_specs": [_spec(s) for s in jax.tree_util.tree_leaves(plan.out_specs, is_leaf=_is_p)],
         "inputs": [[e.path, list(e.shape), e.dtype] for e in plan.inputs],
         "cost": dataclasses.asdict(plan.cost),
