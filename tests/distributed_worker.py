@@ -8,8 +8,9 @@ for each case in CASES, trains an MLP for STEPS steps with the decorated step,
 unchanged: first on inputs as built (the state on this process, the whole batch as
 numpy), then on global arrays (the state the step returned, the batch built from this
 process's rows with jax.make_array_from_process_local_data in the plan's sharding).
-Writes what it saw to OUT_DIR/process{PROCESS_ID}.json and the fetched outputs to
-OUT_DIR/process{PROCESS_ID}_{case}.npz.
+Then it trains the tiny MLP as Flax NNX objects (model and optimizer mutated by the
+step). Writes what it saw to OUT_DIR/process{PROCESS_ID}.json and the fetched outputs
+to OUT_DIR/process{PROCESS_ID}_{case}.npz.
 """
 
 from __future__ import annotations
@@ -110,6 +111,47 @@ def train(case: str, pid: int, out: str) -> dict:
     }
 
 
+def nnx_setup():
+    """(step, model, optimizer, batch): the tiny MLP as Flax NNX objects, the same in
+    every process, and a step that updates them in place (run as `nnx.jit` would)."""
+    import optax
+    from flax import nnx
+
+    from autoshard.models import mlp
+
+    model = mlp.MLP(mlp.tiny(), nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    batch = mlp.synthetic_batch(mlp.tiny(), 64, jax.random.key(1))
+
+    def step(model, optimizer, batch):
+        loss, grads = nnx.value_and_grad(mlp.loss_fn)(model, batch)
+        optimizer.update(model, grads)
+        return loss
+
+    return step, model, optimizer, batch
+
+
+def train_nnx(pid: int, out: str) -> dict:
+    """The NNX step on objects built in every process; their variables come back as
+    global arrays, written into the objects passed in."""
+    import numpy as np
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    import autoshard
+
+    step, model, optimizer, batch = nnx_setup()
+    sharded = autoshard.parallelize(step, mesh=MESH)
+    losses = [sharded(model, optimizer, batch) for _ in range(STEPS)]
+    params = nnx.state(model, nnx.Param)
+    assert not any(x.is_fully_addressable for x in jax.tree.leaves(params))
+    fetched = multihost_utils.process_allgather((params, losses), tiled=True)
+    leaves = {f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(fetched))}
+    np.savez(os.path.join(out, f"process{pid}_nnx.npz"), **leaves)
+    plan = sharded.plan(model, optimizer, batch)
+    return {"plan": plan.to_json(), "solve_count": sharded.solve_count}
+
+
 def errors(pid: int) -> dict:
     """What each process raises when planning fails or process 0 never plans."""
     import autoshard
@@ -142,6 +184,7 @@ def main(pid: int, port: int, out: str) -> None:
         f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=60
     )
     doc = {case: train(case, pid, out) for case in CASES}
+    doc["nnx"] = train_nnx(pid, out)
     doc.update(errors(pid), total_s=time.perf_counter() - t0)
     with open(os.path.join(out, f"process{pid}.json"), "w") as f:
         json.dump(doc, f)
