@@ -41,6 +41,18 @@ def main() -> None:
                 f"  process {i}: plan + 2 steps + fetch {c['run_s']:.2f} s, solver runs "
                 f"{c['solve_count']}, max |fetched - single device| {diff:.1e}"
             )
+    ref = jax.tree.leaves(test_distributed._nnx_reference())
+    same = reports[0]["nnx"]["plan"] == reports[1]["nnx"]["plan"]
+    print(f"nnx (model and optimizer objects): same plan on both processes: {same}")
+    for i, r in enumerate(reports):
+        with np.load(out / f"process{i}_nnx.npz") as got:
+            diff = max(
+                float(np.max(np.abs(got[f"leaf{k}"] - np.asarray(x)))) for k, x in enumerate(ref)
+            )
+        print(
+            f"  process {i}: solver runs {r['nnx']['solve_count']}, "
+            f"max |fetched - nnx.jit| {diff:.1e}"
+        )
 
 
 if __name__ == "__main__":
