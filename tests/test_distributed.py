@@ -146,6 +146,7 @@ def test_published_plan_decodes_to_the_same_plan():
     assert again.to_json() == plan.to_json()
     assert again.layout == plan.layout
     assert again.mesh == plan.mesh
+    assert again.summary(rich=False) == plan.summary(rich=False)
     assert jax.tree.leaves(again.shardings()) == jax.tree.leaves(plan.shardings())
     # the key names the traced step: the same step traced again has the same digest,
     # another batch size another one
