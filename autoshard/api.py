@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from autoshard import boundary as _boundary
+from autoshard import distributed as _distributed
 from autoshard import pipeline as _pipeline
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
@@ -119,33 +120,21 @@ class Parallelized:
             donated,
             budget,
         )
-        if isinstance(self.pipeline, _pipeline.Pipeline):
-            if any(is_abstract(m) for m in meshes):
-                raise ValueError(
-                    "autoshard: a forced pipeline runs on devices this process has; plan an "
-                    "abstract mesh with pipeline='auto' or None."
-                )
-            if any(pinned):
-                raise ValueError(
-                    "autoshard: a forced pipeline does not take pinned layouts (in_shardings, "
-                    "out_shardings or with_sharding_constraint in the step): drop the pins, or "
-                    "use pipeline='auto' to plan around them without stages."
-                )
-            plan, run = _pipeline.forced(ctx, self.pipeline, meshes)
-        else:
-            mp, tried = _search.search(
-                graph, meshes, self.hardware, self.time_limit, budget, donated, pinned
-            )
-            out_pins = {v: p for v, _, p in pins.outputs if p is not None}
-            plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
-            # an abstract plan has no devices to run on (nor to pipeline over)
-            run = None if is_abstract(plan.mesh) else interpreter(graph, plan.layout, plan.mesh)
-            # a pipeline would ignore the user's pins: only without them
-            if self.pipeline == _pipeline.AUTO and not any(pinned) and run is not None:
-                plan, run = _pipeline.auto(ctx, meshes, plan.cost.time) or (plan, run)
-        self.solve_count += 1
-        if run is None:
+        out_pins = {v: p for v, _, p in pins.outputs if p is not None}
+
+        def solve() -> Plan:
+            self.solve_count += 1
+            return self._solve(ctx, meshes, pinned, out_pins, t0)
+
+        if any(is_abstract(m) for m in meshes):
+            plan = solve()  # no devices, no other process to agree with
             return plan, AbstractTarget(plan), None
+        # under jax.distributed, process 0 plans and every process runs its plan
+        plan = _distributed.agree(solve, graph, self.devices)
+        if plan.pipeline is not None:
+            run = _pipeline.runner(ctx, plan)
+        else:
+            run = interpreter(graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)
             for s in jax.tree_util.tree_leaves(plan.in_specs, is_leaf=_is_p)
@@ -165,6 +154,33 @@ class Parallelized:
             donate_argnums=call.donated,
         )
         return plan, jitted, flat_in
+
+    def _solve(self, ctx, meshes, pinned, out_pins, t0) -> Plan:
+        """The plan on this process: forced pipeline, or the mesh search (then an
+        automatic pipeline if one is predicted faster)."""
+        if isinstance(self.pipeline, _pipeline.Pipeline):
+            if any(is_abstract(m) for m in meshes):
+                raise ValueError(
+                    "autoshard: a forced pipeline runs on devices this process has; plan an "
+                    "abstract mesh with pipeline='auto' or None."
+                )
+            if any(pinned):
+                raise ValueError(
+                    "autoshard: a forced pipeline does not take pinned layouts (in_shardings, "
+                    "out_shardings or with_sharding_constraint in the step): drop the pins, or "
+                    "use pipeline='auto' to plan around them without stages."
+                )
+            return _pipeline.forced(ctx, self.pipeline, meshes)[0]
+        graph = ctx.graph
+        mp, tried = _search.search(
+            graph, meshes, self.hardware, self.time_limit, ctx.budget, ctx.donated, pinned
+        )
+        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
+        # a pipeline would ignore the user's pins, and an abstract mesh has no devices
+        if self.pipeline == _pipeline.AUTO and not any(pinned) and not is_abstract(plan.mesh):
+            piped = _pipeline.auto(ctx, meshes, plan.cost.time)
+            plan = piped[0] if piped else plan
+        return plan
 
     def plan(self, *args, **kwargs) -> Plan:
         """The plan for these arguments (arrays or ShapeDtypeStructs), without running."""

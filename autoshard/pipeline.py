@@ -246,6 +246,11 @@ class Context:
     budget: float | None = None  # bytes per device a pipelined plan must fit
 
 
+def _hw(ctx: Context, mesh) -> Hardware:
+    """The hardware's numbers per axis of this mesh (from its levels, if it has them)."""
+    return ctx.hardware.for_mesh(tuple(mesh.axis_sizes))
+
+
 def _pipe_axis(mesh, stages: int, axis: str | None) -> str | None:
     if axis is not None:
         return axis if mesh.shape.get(axis) == stages else None
@@ -264,7 +269,7 @@ def _sub_problem(ctx: Context, mesh, axis: str):
     keep = [i for i, a in enumerate(mesh.axis_names) if a != axis]
     names = tuple(mesh.axis_names[i] for i in keep) or ("_stage",)
     shape = tuple(mesh.devices.shape[i] for i in keep) or (1,)
-    hw = ctx.hardware
+    hw = _hw(ctx, mesh)
     if keep:
         hw = hw.with_(bandwidth=_per_axis(hw.bandwidth, keep), latency=_per_axis(hw.latency, keep))
     else:
@@ -459,7 +464,7 @@ def build(ctx: Context, mesh, axis: str, m: int, schedule: str, loops, mp, t0: f
 
     g, traced = ctx.graph, ctx.traced
     stacked = stacked_values(g, loops)
-    choice = predict(mp, g, loops, stacked, ctx.hardware, mesh, axis, m, schedule)
+    choice = predict(mp, g, loops, stacked, _hw(ctx, mesh), mesh, axis, m, schedule)
     base = make_plan(mp, g, {}, time.perf_counter() - t0)
     layout = remap_layout(mp.layout(), g, mp.mesh.axis_names, mesh, axis, stacked)
     names = mesh.axis_names
@@ -515,8 +520,9 @@ def forced(ctx: Context, pipe: Pipeline, meshes):
             f"mesh=... with such an axis, or stages equal to an axis size."
         )
     # the stages go where links are slowest: only boundaries cross the pipeline axis
-    hw = ctx.hardware
-    mesh, axis = min(found, key=lambda f: hw.axis_bandwidth(f[0].axis_names.index(f[1])))
+    mesh, axis = min(
+        found, key=lambda f: _hw(ctx, f[0]).axis_bandwidth(f[0].axis_names.index(f[1]))
+    )
     loops = find_loops(ctx, pipe.microbatches)
     if not loops:
         raise PipelineError(
@@ -546,7 +552,7 @@ def auto(ctx: Context, meshes, best: float):
     per-stage memory fits ctx.budget. Batches and layer counts a pipeline cannot
     split are never chosen."""
     t0 = time.perf_counter()
-    if not hierarchical(ctx.hardware):
+    if not any(hierarchical(_hw(ctx, mesh)) for mesh in meshes):
         return None
     try:
         b = batch_size(ctx.args)
@@ -567,7 +573,7 @@ def auto(ctx: Context, meshes, best: float):
             g = ctx.graph
             stacked = stacked_values(g, loops)
             for m in ms:
-                c = predict(mp, g, loops, stacked, ctx.hardware, mesh, axis, m, cm.GPIPE)
+                c = predict(mp, g, loops, stacked, _hw(ctx, mesh), mesh, axis, m, cm.GPIPE)
                 fits = ctx.budget is None or c.stage_memory["total"] <= ctx.budget
                 if fits and c.time < best and (choice is None or c.time < choice[0].time):
                     choice = (c, mesh, axis, m, mp)
@@ -576,3 +582,13 @@ def auto(ctx: Context, meshes, best: float):
     _, mesh, axis, m, mp = choice
     # each stage runs the loop body traced at this microbatch size
     return build(ctx, mesh, axis, m, cm.GPIPE, find_loops(ctx, m), mp, t0)
+
+
+def runner(ctx: Context, plan):
+    """The function that runs a pipelined plan: the interpreter with each stacked
+    loop run as stages. Built from `plan.pipeline` alone, so a plan planned on another
+    process (autoshard.distributed) runs the same way."""
+    p = plan.pipeline
+    loops = find_loops(ctx, p.microbatches)
+    runners = {s.loop: loop_runner(s, plan.mesh, p.axis, p.microbatches) for s in loops}
+    return interpreter(ctx.graph, plan.layout, plan.mesh, runners)
