@@ -10,11 +10,13 @@ import numpy as np
 
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.hardware import Hardware, MeshDesc
-from autoshard.cost_model.ilp import SolverRequest, SolverResult, min_memory, solve
+from autoshard.cost_model.ilp import SolverRequest, SolverResult, min_memory
 from autoshard.cost_model.resharding import reshard
 from autoshard.passes.annotate import Layout, partition_spec
 from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
 from autoshard.passes.liveness import Liveness
+from autoshard.passes.repeats import Collapse, collapse_roots, unit_colours
+from autoshard.passes.repeats import solve as _solve_collapsed
 from autoshard.passes.simplify import Problem, build_request, decode, merge_followers
 from autoshard.passes.strategies import enumerate_strategies, op_info, source_strategies
 
@@ -32,6 +34,11 @@ class MeshPlan:
     picks: tuple[int, ...]  # strategy index per unit
     liveness: Liveness
     request: SolverRequest  # with the memory rows of a budget, if one applied
+    collapse: Collapse | None = None  # ILP nodes that share variables (repeated layers)
+
+    def solve(self, request: SolverRequest) -> SolverResult:
+        """Solve a request over this problem's ILP nodes, copies sharing variables."""
+        return _solve_collapsed(request, self.collapse)
 
     def layout(self) -> Layout:
         p = self.problem
@@ -110,9 +117,11 @@ def solve_on_mesh(
     time_limit: float,
     budget: float | None = None,
     donated: frozenset[int] = frozenset(),
+    colours: list[int] | None = None,
 ) -> MeshPlan:
     """The cheapest plan on one mesh; with a budget, the cheapest whose per-device
-    memory stays within it (result status "infeasible" if none does)."""
+    memory stays within it (result status "infeasible" if none does). With colours
+    (`passes.repeats.unit_colours`), copies of repeated layers share ILP variables."""
     desc = MeshDesc(tuple(mesh.devices.shape), tuple(mesh.axis_names))
     units = [
         source_strategies(graph.values[v].shape, graph.values[v].nbytes, desc, hw)
@@ -128,12 +137,14 @@ def solve_on_mesh(
     problem = merge_followers(graph, units, desc, hw)
     request = build_request(problem, time_limit)
     live = Liveness(problem, donated)
-    result = solve(request)
+    groups = None if colours is None else collapse_roots(colours, problem.roots, problem.units)
+    mp = MeshPlan(mesh, problem, None, (), live, request, groups)
+    result = mp.solve(request)
     picks = decode(problem, result.choice)
     if budget is None or _peak(live, problem, picks) <= budget * (1 + 1e-6):
-        return MeshPlan(mesh, problem, result, picks, live, request)
-    result, picks, req = _within(problem, request, live, budget)
-    return MeshPlan(mesh, problem, result, picks, live, req)
+        return replace(mp, result=result, picks=picks)
+    result, picks, req = _within(mp, budget)
+    return replace(mp, result=result, picks=picks, request=req)
 
 
 def _peak(live: Liveness, problem: Problem, picks) -> float:
@@ -142,10 +153,12 @@ def _peak(live: Liveness, problem: Problem, picks) -> float:
     return args + float(full.max(initial=0.0))
 
 
-def _within(problem: Problem, request: SolverRequest, live: Liveness, budget: float):
+def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None):
     """(result, picks, request) of the cheapest plan within budget, by cutting planes:
     memory rows at the steps where the last plan went over. Resharded copies are not
     linear in the choices; when only they push a plan over, the rows aim lower."""
+    problem, live = mp.problem, mp.liveness
+    request = mp.request if request is None else request
     node_of_root = {r: i for i, r in enumerate(problem.roots)}
     replicated = decode(problem, [0] * len(problem.roots))
     args, prof = live.profile(value_specs(problem, replicated))
@@ -154,7 +167,7 @@ def _within(problem: Problem, request: SolverRequest, live: Liveness, budget: fl
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
         req = replace(request, memory=rows, memory_budget=target)
-        result = solve(req)
+        result = mp.solve(req)
         picks = decode(problem, result.choice)
         if result.status == "infeasible":
             if high is None:
@@ -187,19 +200,24 @@ def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
     free = replace(mp.request, memory=(), memory_budget=None)
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
-        choice, bound = min_memory(replace(free, memory=rows))
+        req = replace(free, memory=rows)
+        if mp.collapse is None:
+            choice, bound = min_memory(req)
+        else:
+            choice, bound = min_memory(mp.collapse.request(req))
+            choice = mp.collapse.expand(choice)
         args, prof = live.profile(value_specs(problem, decode(problem, choice)))
         new = _new_points(prof, points, args, bound)
         if not new:
             break
         points += new
-    candidates = [decode(problem, choice), decode(problem, solve(free).choice)]
+    candidates = [decode(problem, choice), decode(problem, mp.solve(free).choice)]
     best = min(candidates, key=lambda p: _peak(live, problem, p))
     high = _peak(live, problem, best)
     # step the budget down from the best plan known while plans keep fitting
     for _ in range(LEAST_MEMORY_STEPS):
         target = max(bound, LEAST_MEMORY_STEP * high)
-        result, picks, _ = _within(problem, free, live, target)
+        result, picks, _ = _within(mp, target, free)
         if result.status == "infeasible" or target <= bound:
             break
         best, high = picks, min(high, _peak(live, problem, picks))
@@ -243,12 +261,15 @@ def search(
     time_limit: float,
     budget: float | None = None,
     donated: frozenset[int] = frozenset(),
+    collapse: bool = True,
 ) -> tuple[MeshPlan, dict[str, float]]:
     """Solve on every mesh; the cheapest plan within the budget wins, the earlier
-    (smaller) mesh on ties. Raises MemoryBudgetError if no mesh has one."""
+    (smaller) mesh on ties. Raises MemoryBudgetError if no mesh has one. With
+    collapse, copies of repeated layers share ILP variables."""
     best, tried, over = None, {}, []
+    colours = unit_colours(graph) if collapse else None
     for mesh in meshes:
-        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated)
+        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated, colours)
         if mp.result.status == "infeasible":
             over.append(mp)
             continue
