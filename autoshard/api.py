@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from autoshard import cache as _cache
+from autoshard import progress as _progress
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
 from autoshard.mesh import candidate_meshes, default_hardware
@@ -35,8 +37,14 @@ class Parallelized:
         time_limit=60.0,
         devices=None,
         memory_budget=None,
+        verbose=True,
+        cache=None,
+        cache_dir=None,
     ):
         functools.update_wrapper(self, fn)
+        self.verbose = verbose
+        self.cache_dir = _cache.cache_dir(cache, cache_dir)
+        self._last_args = None
         self.fn = fn
         self.mesh = mesh
         self.devices = list(devices) if devices is not None else jax.devices()
@@ -74,8 +82,16 @@ class Parallelized:
     def _entry(self, args):
         sig = self._signature(args)
         if sig not in self._cache:
+            t0 = time.perf_counter()
             self._cache[sig] = self._plan_and_build(args)
+            if self._last_args is not None:
+                changes = _progress.changed_inputs(self._last_args, args)
+                _progress.replanned(self._name(), changes, time.perf_counter() - t0, self.verbose)
+            self._last_args = jax.tree_util.tree_map(_abstract, args)
         return self._cache[sig]
+
+    def _name(self) -> str:
+        return getattr(self.fn, "__name__", "step")
 
     def _plan_and_build(self, args):
         t0 = time.perf_counter()
@@ -87,9 +103,26 @@ class Parallelized:
         budget = self.memory_budget
         if budget is None:
             budget = self.hardware.memory * (1 - MEMORY_HEADROOM)
-        mp, tried = _search.search(graph, meshes, self.hardware, self.time_limit, budget, donated)
-        self.solve_count += 1
-        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0)
+        key = None
+        if self.cache_dir is not None:
+            key = _cache.plan_key(
+                traced,
+                meshes,
+                self.hardware,
+                budget=budget,
+                time_limit=self.time_limit,
+                donated=sorted(donated),
+            )
+        plan = _cache.load(self.cache_dir, key, traced, meshes) if key else None
+        if plan is None:
+            progress = _progress.Progress(self._name(), self.verbose)
+            mp, tried = _search.search(
+                graph, meshes, self.hardware, self.time_limit, budget, donated, progress=progress
+            )
+            self.solve_count += 1
+            plan = _make_plan(mp, graph, tried, time.perf_counter() - t0)
+            progress.done(plan.solver.mesh_shape)
+            _cache.store(self.cache_dir, key, plan)
         run = interpreter(graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)
@@ -121,6 +154,12 @@ class Parallelized:
 
     def __call__(self, *args):
         return self._entry(args)[1](*args)
+
+
+def _abstract(x):
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return x
 
 
 def _donated_leaves(traced, donate_argnums) -> frozenset[int]:
@@ -196,6 +235,9 @@ def parallelize(
     time_limit: float = 60.0,
     devices=None,
     memory_budget: float | None = None,
+    verbose: bool = True,
+    cache: bool | None = None,
+    cache_dir: str | None = None,
 ) -> Any:
     """Run a single-device training step sharded over all visible devices.
 
@@ -219,6 +261,14 @@ def parallelize(
         optimizer state over the data axis (ZeRO/FSDP); if no plan fits,
         `autoshard.MemoryBudgetError` names the least memory reachable and what
         dominates it.
+      verbose: planning that takes more than about 2 s reports its progress (and a
+        re-plan for new input shapes one line) on the "autoshard" logger; False
+        keeps it quiet.
+      cache: keep plans on disk and reuse them when the same step is planned again
+        with the same meshes, hardware and options (default on unless
+        `AUTOSHARD_CACHE=0`); False turns it off.
+      cache_dir: where plans are kept (default `$AUTOSHARD_CACHE_DIR`, else
+        `$XDG_CACHE_HOME/autoshard` or `~/.cache/autoshard`).
 
     Returns:
       A callable with `.plan(*args)` and `.lower(*args)`.
@@ -241,5 +291,19 @@ def parallelize(
             time_limit=time_limit,
             devices=devices,
             memory_budget=memory_budget,
+            verbose=verbose,
+            cache=cache,
+            cache_dir=cache_dir,
         )
-    return Parallelized(fn, mesh, hardware, donate_argnums, time_limit, devices, memory_budget)
+    return Parallelized(
+        fn,
+        mesh,
+        hardware,
+        donate_argnums,
+        time_limit,
+        devices,
+        memory_budget,
+        verbose,
+        cache,
+        cache_dir,
+    )

@@ -10,7 +10,7 @@ import numpy as np
 
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.hardware import Hardware, MeshDesc
-from autoshard.cost_model.ilp import SolverRequest, SolverResult, min_memory
+from autoshard.cost_model.ilp import SolverRequest, SolverResult, evaluate, min_memory
 from autoshard.cost_model.resharding import reshard
 from autoshard.passes.annotate import Layout, partition_spec
 from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
@@ -22,6 +22,8 @@ from autoshard.passes.strategies import enumerate_strategies, op_info, source_st
 
 # A larger mesh must be cheaper by this fraction to win over a smaller one that ties.
 MESH_TIE_BREAK = 1e-6
+# Relative slack when a plan's predicted memory is compared with the budget (rounding).
+FIT_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +92,7 @@ LEAST_MEMORY_STEPS = 8
 
 def _new_points(profile, points, args: float, limit: float) -> list[int]:
     """The highest steps of profile above limit (arguments included) not yet rows."""
-    over = [int(t) for t in np.argsort(-profile) if args + profile[t] > limit * (1 + 1e-6)]
+    over = [int(t) for t in np.argsort(-profile) if args + profile[t] > limit * (1 + FIT_TOLERANCE)]
     return [t for t in over if t not in points][:MEMORY_POINTS]
 
 
@@ -118,6 +120,7 @@ def solve_on_mesh(
     budget: float | None = None,
     donated: frozenset[int] = frozenset(),
     colours: list[int] | None = None,
+    progress=None,
 ) -> MeshPlan:
     """The cheapest plan on one mesh; with a budget, the cheapest whose per-device
     memory stays within it (result status "infeasible" if none does). With colours
@@ -139,9 +142,14 @@ def solve_on_mesh(
     live = Liveness(problem, donated)
     groups = None if colours is None else collapse_roots(colours, problem.roots, problem.units)
     mp = MeshPlan(mesh, problem, None, (), live, request, groups)
+    if progress is not None:
+        n_var = sum(len(c) for c in request.node_costs)
+        progress.solving(
+            desc.shape, len(problem.roots), groups.classes if groups else len(problem.roots), n_var
+        )
     result = mp.solve(request)
     picks = decode(problem, result.choice)
-    if budget is None or _peak(live, problem, picks) <= budget * (1 + 1e-6):
+    if budget is None or _peak(live, problem, picks) <= budget * (1 + FIT_TOLERANCE):
         return replace(mp, result=result, picks=picks)
     result, picks, req = _within(mp, budget)
     return replace(mp, result=result, picks=picks, request=req)
@@ -169,6 +177,8 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None):
         req = replace(request, memory=rows, memory_budget=target)
         result = mp.solve(req)
         picks = decode(problem, result.choice)
+        if result.status == "fallback":  # the time limit came before any feasible plan
+            return _least_memory_fallback(mp, req, result, budget)
         if result.status == "infeasible":
             if high is None:
                 break  # infeasible at the budget itself
@@ -177,7 +187,7 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None):
         specs = value_specs(problem, picks)
         args, prof = live.profile(specs)
         _, full = live.profile(specs, operand_specs(problem, picks))
-        if args + full.max() <= budget * (1 + 1e-6):
+        if args + full.max() <= budget * (1 + FIT_TOLERANCE):
             return result, picks, req
         new = _new_points(prof, points, args, target)
         if not new:
@@ -186,6 +196,27 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None):
             new = _new_points(full, points, args, budget)
         points += new
     return replace(result, status="infeasible"), replicated, req
+
+
+def _least_memory_fallback(mp: MeshPlan, req: SolverRequest, result: SolverResult, budget):
+    """When the solver found nothing within its time limit: every ILP node takes its
+    least-memory strategy (the cheapest among equals), which shards parameters, optimizer
+    state and activations as far as they go (FSDP over every axis). Kept if it keeps
+    state ties and fits the budget; otherwise the result says "timed_out"."""
+    problem = mp.problem
+    mem = [np.zeros(len(c)) for c in req.node_costs]
+    for row in req.memory:
+        for n, b in row.terms:
+            mem[n] = mem[n] + b
+    choice = tuple(
+        int(np.lexsort((np.asarray(c, float), m))[0])
+        for c, m in zip(req.node_costs, mem, strict=True)
+    )
+    obj, bad = evaluate(replace(req, memory=()), choice)
+    picks = decode(problem, choice)
+    if not bad and _peak(mp.liveness, problem, picks) <= budget * (1 + FIT_TOLERANCE):
+        return replace(result, choice=choice, objective=obj, status="fallback"), picks, req
+    return replace(result, status="timed_out"), picks, req
 
 
 def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
@@ -262,6 +293,7 @@ def search(
     budget: float | None = None,
     donated: frozenset[int] = frozenset(),
     collapse: bool = True,
+    progress=None,
 ) -> tuple[MeshPlan, dict[str, float]]:
     """Solve on every mesh; the cheapest plan within the budget wins, the earlier
     (smaller) mesh on ties. Raises MemoryBudgetError if no mesh has one. With
@@ -269,19 +301,39 @@ def search(
     best, tried, over = None, {}, []
     colours = unit_colours(graph) if collapse else None
     for mesh in meshes:
-        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated, colours)
-        if mp.result.status == "infeasible":
+        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated, colours, progress)
+        if mp.result.status in ("infeasible", "timed_out"):
             over.append(mp)
+            if progress is not None:
+                progress.note(f"mesh {tuple(mesh.devices.shape)}: no plan within the budget")
             continue
         tried[str(tuple(mesh.devices.shape))] = mp.result.objective
         if best is None or mp.result.objective < best.result.objective * (1 - MESH_TIE_BREAK):
             best = mp
+        if progress is not None:
+            r = mp.result
+            progress.solved(
+                mesh.devices.shape,
+                r.objective,
+                best.result.objective,
+                r.num_variables,
+                r.num_constraints,
+            )
     if best is None:
         raise MemoryBudgetError(_over_budget_message(over, budget))
     return best, tried
 
 
 def _over_budget_message(over: list[MeshPlan], budget: float) -> str:
+    timed = [mp for mp in over if mp.result.status == "timed_out"]
+    if timed:
+        shapes = ", ".join(str(tuple(mp.mesh.devices.shape)) for mp in timed)
+        return (
+            f"autoshard: the ILP solver reached its time limit before finding a plan within "
+            f"memory_budget={_size(budget)} per device on mesh {shapes}, and no "
+            "least-memory plan (everything sharded as far as it goes) fits either. Raise "
+            "time_limit, raise memory_budget, or use more devices."
+        )
     least = [(least_memory(mp), mp) for mp in over]
     (need, alive), mp = min(least, key=lambda x: x[0][0])
     kinds: dict[str, list[tuple[float, str]]] = {}
