@@ -76,10 +76,11 @@ class Progress:
         )
 
     def skipped(self, shape, bound: float, best: float) -> None:
-        self._say(
-            f"mesh {tuple(shape)}: skipped, its lower bound {bound * 1e3:.3f} ms "
-            f"is above the best plan {best * 1e3:.3f} ms"
-        )
+        if bound == float("inf"):
+            why = "its LP relaxation did not finish in time (pass this mesh to plan on it)"
+        else:
+            why = f"its lower bound {bound * 1e3:.3f} ms is not below the best {best * 1e3:.3f} ms"
+        self._say(f"mesh {tuple(shape)}: skipped, {why}")
 
     def note(self, msg: str) -> None:
         self._say(msg)

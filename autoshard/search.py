@@ -10,7 +10,13 @@ import numpy as np
 
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.hardware import Hardware, MeshDesc
-from autoshard.cost_model.ilp import SolverRequest, SolverResult, evaluate, min_memory
+from autoshard.cost_model.ilp import (
+    SolverRequest,
+    SolverResult,
+    evaluate,
+    lower_bound,
+    min_memory,
+)
 from autoshard.cost_model.resharding import reshard
 from autoshard.passes.annotate import Layout, partition_spec
 from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
@@ -22,6 +28,9 @@ from autoshard.passes.strategies import enumerate_strategies, op_info, source_st
 
 # A larger mesh must be cheaper by this fraction to win over a smaller one that ties.
 MESH_TIE_BREAK = 1e-6
+# Seconds the mesh search may spend on a mesh's LP relaxation, the lower bound that
+# skips a mesh when no plan on it can beat the best plan found.
+LP_BOUND_TIME = 10.0
 # Relative slack when a plan's predicted memory is compared with the budget (rounding).
 FIT_TOLERANCE = 1e-6
 
@@ -121,10 +130,14 @@ def solve_on_mesh(
     donated: frozenset[int] = frozenset(),
     colours: list[int] | None = None,
     progress=None,
+    beat: float | None = None,
 ) -> MeshPlan:
     """The cheapest plan on one mesh; with a budget, the cheapest whose per-device
     memory stays within it (result status "infeasible" if none does). With colours
-    (`passes.repeats.unit_colours`), copies of repeated layers share ILP variables."""
+    (`passes.repeats.unit_colours`), copies of repeated layers share ILP variables.
+    With beat (the best cost found on another mesh), a mesh whose LP lower bound is
+    not below it, or whose LP relaxation does not finish within LP_BOUND_TIME, is not
+    solved: the result has status "skipped" and the bound (inf when unknown)."""
     desc = MeshDesc(tuple(mesh.devices.shape), tuple(mesh.axis_names))
     units = [
         source_strategies(graph.values[v].shape, graph.values[v].nbytes, desc, hw)
@@ -147,6 +160,15 @@ def solve_on_mesh(
         progress.solving(
             desc.shape, len(problem.roots), groups.classes if groups else len(problem.roots), n_var
         )
+    if beat is not None:
+        small = request if groups is None else groups.request(request)
+        bound = lower_bound(small, min(time_limit, LP_BOUND_TIME))
+        if bound is None:  # too large to bound in time: its ILP would not finish either
+            bound = float("inf")
+        if bound >= beat * (1 - MESH_TIE_BREAK):
+            n = len(problem.roots)
+            skipped = SolverResult((0,) * n, bound, "skipped", 0.0, 0, 0)
+            return replace(mp, result=skipped)
     result = mp.solve(request)
     picks = decode(problem, result.choice)
     if budget is None or _peak(live, problem, picks) <= budget * (1 + FIT_TOLERANCE):
@@ -301,7 +323,12 @@ def search(
     best, tried, over = None, {}, []
     colours = unit_colours(graph) if collapse else None
     for mesh in meshes:
-        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated, colours, progress)
+        beat = None if best is None else best.result.objective
+        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated, colours, progress, beat)
+        if mp.result.status == "skipped":
+            if progress is not None:
+                progress.skipped(mesh.devices.shape, mp.result.objective, beat)
+            continue
         if mp.result.status in ("infeasible", "timed_out"):
             over.append(mp)
             if progress is not None:

@@ -37,12 +37,14 @@ def _config(name: str):
     from autoshard.models import gpt, llama
 
     if name.startswith("gpt") and name[3:].isdigit():
-        cfg = gpt.GPTConfig(vocab=8192, d_model=768, n_heads=12, n_layers=int(name[3:]),
-                            seq_len=256, d_ff=3072)
+        cfg = gpt.GPTConfig(
+            vocab=8192, d_model=768, n_heads=12, n_layers=int(name[3:]), seq_len=256, d_ff=3072
+        )
         return gpt.GPT, gpt.loss_fn, cfg, 16
     if name == "gpt1.3b":
-        cfg = gpt.GPTConfig(vocab=50257, d_model=2048, n_heads=16, n_layers=24,
-                            seq_len=2048, d_ff=8192)
+        cfg = gpt.GPTConfig(
+            vocab=50257, d_model=2048, n_heads=16, n_layers=24, seq_len=2048, d_ff=8192
+        )
         return gpt.GPT, gpt.loss_fn, cfg, 16
     if name == "llama7b":
         cfg = llama.LlamaConfig(n_layers=32, d_model=4096, d_ff=11008, vocab=32000, seq_len=2048)
@@ -121,8 +123,9 @@ def run_case(case: str) -> dict:
     _instrument(timer)
     shape = None if mesh == "none" else tuple(int(x) for x in mesh.split("x"))
     kwargs = {"cache": False} if "cache" in _parallelize_args() else {}
-    step = autoshard.parallelize(step_fn, mesh=shape, hardware=autoshard.PRESETS["h100-nvlink"],
-                                 **kwargs)
+    step = autoshard.parallelize(
+        step_fn, mesh=shape, hardware=autoshard.PRESETS["h100-nvlink"], **kwargs
+    )
     t0 = time.perf_counter()
     plan = step.plan(state, batch)
     total = time.perf_counter() - t0
@@ -176,6 +179,17 @@ def _quiet_env():
     yield env
 
 
+def _depth_ratios(rows) -> None:
+    """Plan time of 24 and 48 layers over 12 layers, per mesh mode (same run)."""
+    done = {r["case"]: r["total"] for r in rows if "error" not in r}
+    for mesh in MESHES:
+        base = done.get(f"gpt12:{mesh}")
+        for depth in (24, 48):
+            t = done.get(f"gpt{depth}:{mesh}")
+            if base and t:
+                print(f"gpt{depth}:{mesh} / gpt12:{mesh} plan time: {t / base:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
@@ -200,7 +214,10 @@ def main() -> None:
             try:
                 out = subprocess.run(
                     [sys.executable, os.path.abspath(__file__), "--one", case],
-                    capture_output=True, text=True, timeout=opts.timeout, env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=opts.timeout,
+                    env=env,
                 )
                 lines = out.stdout.strip().splitlines()
                 if out.returncode or not lines:
@@ -212,6 +229,7 @@ def main() -> None:
                 row = {"case": case, "error": f"> {opts.timeout:.0f} s (stopped)"}
         rows.append(row)
         print(fmt(row), flush=True)
+    _depth_ratios(rows)
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(rows, f, indent=1)

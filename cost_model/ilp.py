@@ -167,12 +167,9 @@ class _Rows:
                 self.ineq([*cols, extra], [*vals, -1.0], -row.const)
 
 
-def solve(request: SolverRequest) -> SolverResult:
-    """Solve exactly with HiGHS (scipy.optimize.milp). If no feasible point comes back
-    (time-out before one is found, or an infeasible request), or the time-limited
-    incumbent costs more than it, the result is strategy 0 everywhere (fully
-    replicated) with status "fallback"."""
-    t0 = time.perf_counter()
+def _problem(request: SolverRequest):
+    """(objective, constraints, integer strategy count, offsets) of the full ILP:
+    one-hot node choices, edge variables tied to them, ties, memory rows, shared costs."""
     offs = np.cumsum([0] + [len(c) for c in request.node_costs])
     n_s = int(offs[-1])
     cost = [np.asarray(c, float) for c in request.node_costs]
@@ -203,11 +200,34 @@ def solve(request: SolverRequest) -> SolverResult:
         cost.append(np.array([sc.cost]))
         for n, js in sc.members:
             rows.ineq(list(offs[n] + np.asarray(js)) + [y], [1.0] * len(js) + [-1.0])
-    c = np.concatenate(cost)
+    return np.concatenate(cost), rows.constraint(n_var), n_s, offs
+
+
+def lower_bound(request: SolverRequest, time_limit: float) -> float | None:
+    """The LP relaxation's optimum: no plan of the request costs less. None if the LP
+    does not finish within time_limit seconds (or is infeasible).
+
+    Example:
+      >>> lower_bound(SolverRequest((np.array([2.0, 1.0]),)), 1.0)
+      1.0
+    """
+    c, cons, _, _ = _problem(request)
+    res = milp(c, constraints=cons, bounds=Bounds(0, 1), options={"time_limit": time_limit})
+    return float(res.fun) if res.status == 0 else None
+
+
+def solve(request: SolverRequest) -> SolverResult:
+    """Solve exactly with HiGHS (scipy.optimize.milp). If no feasible point comes back
+    (time-out before one is found, or an infeasible request), or the time-limited
+    incumbent costs more than it, the result is strategy 0 everywhere (fully
+    replicated) with status "fallback"."""
+    t0 = time.perf_counter()
+    c, cons, n_s, offs = _problem(request)
+    n_var = len(c)
     integrality = np.r_[np.ones(n_s), np.zeros(n_var - n_s)]
     res = milp(
         c,
-        constraints=rows.constraint(n_var),
+        constraints=cons,
         integrality=integrality,
         bounds=Bounds(0, 1),
         options={"time_limit": request.time_limit, "mip_rel_gap": MIP_REL_GAP},
@@ -225,7 +245,7 @@ def solve(request: SolverRequest) -> SolverResult:
         # a time-limited incumbent can be far from optimal; never return worse than
         # the always-feasible replicated plan
         choice, obj, status = replicated, rep_obj, "fallback"
-    return SolverResult(choice, obj, status, time.perf_counter() - t0, n_var, len(rows.rhs))
+    return SolverResult(choice, obj, status, time.perf_counter() - t0, n_var, cons.A.shape[0])
 
 
 def _decode(x, offs) -> tuple[int, ...]:
