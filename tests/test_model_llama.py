@@ -110,7 +110,8 @@ def test_mesh_search_matches_single_device():
     out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=None)
     assert_close(out[1], ref[1], atol=1e-5)
     assert_close(out[0], ref[0], atol=ADAM_ATOL)
-    assert len(step.plan(s.state, s.batch).solver.candidates) == 3
+    tried = step.plan(s.state, s.batch).solver.candidates  # solved, not skipped
+    assert "(8,)" in tried and set(tried) <= {"(8,)", "(2, 4)", "(2, 2, 2)"}
 
 
 def _abstract_setup(config, batch_size):
