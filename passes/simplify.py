@@ -173,12 +173,15 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
     inputs = set(g.inputs)
     edges = []
     made: dict = {}  # copies of an operation repeat the same edge
+    own: dict = {}  # strategy costs per strategy tuple
     for u, strategies in enumerate(problem.units):
         root, fol = problem.root_of[u], problem.follow[u]
         # an operation inside a loop body (and the resharding of its operands) is paid
         # once per iteration
         weight = 1 if u < n_in else g.nodes[u - n_in].weight
-        costs[node[root]] += weight * np.array([strategies[k].cost for k in fol])
+        if id(strategies) not in own:  # copies of an operation share their strategies
+            own[id(strategies)] = (strategies, np.array([st.cost for st in strategies]))
+        costs[node[root]] += weight * own[id(strategies)][1][fol]
         if u < n_in:
             continue
         node_u = g.nodes[u - n_in]
