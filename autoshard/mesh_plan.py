@@ -23,7 +23,7 @@ class MeshPlan:
     problem: Problem
     result: SolverResult
     picks: tuple[int, ...]  # strategy index per unit
-    liveness: Liveness
+    liveness: Liveness | None  # None for a mesh the search skipped
     request: SolverRequest  # with the memory rows of a budget, if one applied
     collapse: Collapse | None = None  # ILP nodes that share variables (repeated layers)
 

@@ -57,6 +57,7 @@ def solve_on_mesh(
     colours: list[int] | None = None,
     progress=None,
     beat: float | None = None,
+    infos=None,
 ) -> MeshPlan:
     """The cheapest plan on one mesh; with a budget, the cheapest whose per-device
     memory stays within it (result status "infeasible" if none does). With colours
@@ -70,17 +71,11 @@ def solve_on_mesh(
         for v in graph.inputs
     ]
     units += [source_strategies(graph.values[v].shape, 0, desc, hw, True) for v, _ in graph.consts]
-    feeds = feeds_contraction(graph)
-    # all-reduces inside a loop body run every iteration: none is fused with the others
-    units += [
-        enumerate_strategies(op_info(graph, n, not feeds[n.id] and n.weight == 1), desc, hw)
-        for n in graph.nodes
-    ]
+    units += [enumerate_strategies(op, desc, hw) for op in infos or op_infos(graph)]
     problem = merge_followers(graph, units, desc, hw)
     request = build_request(problem, time_limit)
-    live = Liveness(problem, donated)
     groups = None if colours is None else collapse_roots(colours, problem.roots, problem.units)
-    mp = MeshPlan(mesh, problem, None, (), live, request, groups)
+    mp = MeshPlan(mesh, problem, None, (), None, request, groups)
     if progress is not None:
         n_var = sum(len(c) for c in request.node_costs)
         progress.solving(
@@ -97,6 +92,8 @@ def solve_on_mesh(
             n = len(problem.roots)
             skipped = SolverResult((0,) * n, bound, "skipped", 0.0, 0, 0)
             return replace(mp, result=skipped)
+    live = Liveness(problem, donated)
+    mp = replace(mp, liveness=live)
     result = mp.solve(request)
     picks = decode(problem, result.choice)
     if budget is None or _peak(live, problem, picks) <= budget * (1 + FIT_TOLERANCE):
@@ -107,6 +104,13 @@ def solve_on_mesh(
 
 class MemoryBudgetError(ValueError):
     """No plan on any candidate mesh fits the per-device memory budget."""
+
+
+def op_infos(graph: OpGraph) -> list:
+    """What strategy enumeration needs of each operation (the same on every mesh)."""
+    feeds = feeds_contraction(graph)
+    # all-reduces inside a loop body run every iteration: none is fused with the others
+    return [op_info(graph, n, not feeds[n.id] and n.weight == 1) for n in graph.nodes]
 
 
 def _variables(request) -> int:
@@ -128,9 +132,12 @@ def search(
     collapse, copies of repeated layers share ILP variables."""
     best, tried, over = None, {}, []
     colours = unit_colours(graph) if collapse else None
+    infos = op_infos(graph)
     for mesh in meshes:
         beat = None if best is None else best.result.objective
-        mp = solve_on_mesh(graph, mesh, hw, time_limit, budget, donated, colours, progress, beat)
+        mp = solve_on_mesh(
+            graph, mesh, hw, time_limit, budget, donated, colours, progress, beat, infos
+        )
         if mp.result.status == "skipped":
             if progress is not None:
                 progress.skipped(mesh.devices.shape, mp.result.objective, beat)
