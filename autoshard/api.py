@@ -11,8 +11,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from autoshard import boundary as _boundary
+from autoshard import cache as _cache
 from autoshard import distributed as _distributed
 from autoshard import pipeline as _pipeline
+from autoshard import progress as _progress
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
 from autoshard.mesh import (
@@ -52,8 +54,14 @@ class Parallelized:
         in_shardings=None,
         out_shardings=None,
         pipeline=_pipeline.AUTO,
+        verbose=True,
+        cache=None,
+        cache_dir=None,
     ):
         functools.update_wrapper(self, fn)
+        self.verbose = verbose
+        self.cache_dir = _cache.cache_dir(cache, cache_dir)
+        self._last_args = None
         self.fn = fn
         self.mesh = mesh
         self.devices = resolve_devices(devices)
@@ -94,8 +102,16 @@ class Parallelized:
         call = _boundary.split_call(self.fn, self.conventions, args, kwargs or {})
         sig = call.signature()
         if sig not in self._cache:
+            t0 = time.perf_counter()
             self._cache[sig] = self._plan_and_build(call)
+            if self._last_args is not None:
+                changes = _progress.changed_inputs(self._last_args, call.dyn)
+                _progress.replanned(self._name(), changes, time.perf_counter() - t0, self.verbose)
+            self._last_args = jax.tree_util.tree_map(_abstract, call.dyn)
         return call, self._cache[sig]
+
+    def _name(self) -> str:
+        return getattr(self.fn, "__name__", "step")
 
     def _plan_and_build(self, call):
         t0 = time.perf_counter()
@@ -121,12 +137,33 @@ class Parallelized:
             budget,
         )
         out_pins = {v: p for v, _, p in pins.outputs if p is not None}
+        abstract = any(is_abstract(m) for m in meshes)
+        key = None
+        if self.cache_dir is not None and not abstract:
+            key = _cache.plan_key(
+                traced,
+                meshes,
+                self.hardware,
+                budget=budget,
+                time_limit=self.time_limit,
+                donated=sorted(donated),
+                pins=repr(pinned),
+                out_pins=repr(sorted(out_pins.items())),
+                pipeline=repr(self.pipeline),
+            )
 
         def solve() -> Plan:
-            self.solve_count += 1
-            return self._solve(ctx, meshes, pinned, out_pins, t0)
+            plan = _cache.load(self.cache_dir, key, traced, meshes) if key else None
+            if plan is None:
+                self.solve_count += 1
+                progress = _progress.Progress(self._name(), self.verbose)
+                plan = self._solve(ctx, meshes, pinned, out_pins, t0, progress)
+                progress.done(plan.solver.mesh_shape)
+                if key:
+                    _cache.store(self.cache_dir, key, plan)
+            return plan
 
-        if any(is_abstract(m) for m in meshes):
+        if abstract:
             plan = solve()  # no devices, no other process to agree with
             return plan, AbstractTarget(plan), None
         # under jax.distributed, process 0 plans and every process runs its plan
@@ -155,7 +192,7 @@ class Parallelized:
         )
         return plan, jitted, flat_in
 
-    def _solve(self, ctx, meshes, pinned, out_pins, t0) -> Plan:
+    def _solve(self, ctx, meshes, pinned, out_pins, t0, progress=None) -> Plan:
         """The plan on this process: forced pipeline, or the mesh search (then an
         automatic pipeline if one is predicted faster)."""
         if isinstance(self.pipeline, _pipeline.Pipeline):
@@ -173,7 +210,14 @@ class Parallelized:
             return _pipeline.forced(ctx, self.pipeline, meshes)[0]
         graph = ctx.graph
         mp, tried = _search.search(
-            graph, meshes, self.hardware, self.time_limit, ctx.budget, ctx.donated, pinned
+            graph,
+            meshes,
+            self.hardware,
+            self.time_limit,
+            ctx.budget,
+            ctx.donated,
+            pinned,
+            progress=progress,
         )
         plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
         # a pipeline would ignore the user's pins, and an abstract mesh has no devices
@@ -196,6 +240,12 @@ class Parallelized:
         if isinstance(jitted, AbstractTarget):
             jitted()  # raises: the plan is for devices this process does not have
         return call.finish(jitted(*_boundary.place(call.dyn, shardings)))
+
+
+def _abstract(x):
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return x
 
 
 def _donated_leaves(traced, donate_argnums) -> frozenset[int]:
@@ -282,6 +332,9 @@ def parallelize(
     in_shardings=None,
     out_shardings=None,
     pipeline: Any = "auto",
+    verbose: bool = True,
+    cache: bool | None = None,
+    cache_dir: str | None = None,
 ) -> Any:
     """Run a single-device training step sharded over all visible devices.
 
@@ -325,6 +378,15 @@ def parallelize(
         step is kept as a pin too.
       out_shardings: the same for the step's output (a prefix of it).
 
+      verbose: planning that takes more than about 2 s reports its progress (and a
+        re-plan for new input shapes one line) on the "autoshard" logger; False
+        keeps it quiet.
+      cache: keep plans on disk and reuse them when the same step is planned again
+        with the same meshes, hardware and options (default on unless
+        `AUTOSHARD_CACHE=0`); False turns it off.
+      cache_dir: where plans are kept (default `$AUTOSHARD_CACHE_DIR`, else
+        `$XDG_CACHE_HOME/autoshard` or `~/.cache/autoshard`).
+
     Flax NNX modules, optimizers and `nnx.Rngs` may be passed and mutated as under
     `nnx.jit`: their state is split off, planned and run like any array, and every
     update is merged back into the objects passed in (see docs/steps.md). Inputs may
@@ -359,6 +421,9 @@ def parallelize(
             in_shardings=in_shardings,
             out_shardings=out_shardings,
             pipeline=pipeline,
+            verbose=verbose,
+            cache=cache,
+            cache_dir=cache_dir,
         )
     return Parallelized(
         fn,
@@ -374,4 +439,7 @@ def parallelize(
         in_shardings=in_shardings,
         out_shardings=out_shardings,
         pipeline=pipeline,
+        verbose=verbose,
+        cache=cache,
+        cache_dir=cache_dir,
     )

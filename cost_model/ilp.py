@@ -16,6 +16,13 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+# Relative slack of evaluate's memory check (float rounding of summed bytes).
+EVAL_TOLERANCE = 1e-9
+# HiGHS stops when the incumbent is within this relative gap of the bound: plans,
+# and the least-memory search behind MemoryBudgetError's message.
+MIP_REL_GAP = 1e-6
+MIN_MEMORY_REL_GAP = 1e-4
+
 
 @dataclass(frozen=True)
 class Edge:
@@ -100,7 +107,7 @@ def evaluate(request: SolverRequest, choice) -> tuple[float, list[str]]:
             bad.append(f"tie {t.u}-{t.v}: classes differ")
     if request.memory_budget is not None:
         for k, row in enumerate(request.memory):
-            if row.value(choice) > request.memory_budget * (1 + 1e-9):
+            if row.value(choice) > request.memory_budget * (1 + EVAL_TOLERANCE):
                 bad.append(f"memory row {k}: {row.value(choice):.0f} > {request.memory_budget:.0f}")
     return obj, bad
 
@@ -124,6 +131,17 @@ class _Rows:
         """sum(vals * x[cols]) <= rhs."""
         self.add(cols, vals, rhs)
         self.is_ineq[-1] = True
+
+    def one_each(self, request: SolverRequest, offs) -> None:
+        """Exactly one strategy per node."""
+        for i in range(len(request.node_costs)):
+            self.add(range(offs[i], offs[i + 1]), [1.0] * int(offs[i + 1] - offs[i]), 1.0)
+
+    def constraint(self, n_var: int) -> LinearConstraint:
+        a = sp.csr_array((self.v, (self.r, self.c)), shape=(len(self.rhs), n_var))
+        lo = np.array(self.rhs, float)
+        lo[self.is_ineq] = -np.inf
+        return LinearConstraint(a, lo, self.rhs)
 
     def ties(self, request: SolverRequest, offs) -> None:
         """Per tie and class: (u picks that class) == (v picks that class)."""
@@ -149,18 +167,14 @@ class _Rows:
                 self.ineq([*cols, extra], [*vals, -1.0], -row.const)
 
 
-def solve(request: SolverRequest) -> SolverResult:
-    """Solve exactly with HiGHS (scipy.optimize.milp). If no feasible point comes back
-    (time-out before one is found, or an infeasible request), or the time-limited
-    incumbent costs more than it, the result is strategy 0 everywhere (fully
-    replicated) with status "fallback"."""
-    t0 = time.perf_counter()
+def _problem(request: SolverRequest):
+    """(objective, constraints, integer strategy count, offsets) of the full ILP:
+    one-hot node choices, edge variables tied to them, ties, memory rows, shared costs."""
     offs = np.cumsum([0] + [len(c) for c in request.node_costs])
     n_s = int(offs[-1])
     cost = [np.asarray(c, float) for c in request.node_costs]
     rows = _Rows()
-    for i in range(len(cost)):
-        rows.add(range(offs[i], offs[i + 1]), [1.0] * len(cost[i]), 1.0)
+    rows.one_each(request, offs)
     n_var = n_s
     for e in request.edges:
         nr, nc = e.cost.shape
@@ -186,26 +200,43 @@ def solve(request: SolverRequest) -> SolverResult:
         cost.append(np.array([sc.cost]))
         for n, js in sc.members:
             rows.ineq(list(offs[n] + np.asarray(js)) + [y], [1.0] * len(js) + [-1.0])
-    c = np.concatenate(cost)
-    a = sp.csr_array((rows.v, (rows.r, rows.c)), shape=(len(rows.rhs), n_var))
-    lo = np.array(rows.rhs, float)
-    lo[rows.is_ineq] = -np.inf
+    return np.concatenate(cost), rows.constraint(n_var), n_s, offs
+
+
+def lower_bound(request: SolverRequest, time_limit: float) -> float | None:
+    """The LP relaxation's optimum: no plan of the request costs less. None if the LP
+    does not finish within time_limit seconds (or is infeasible).
+
+    Example:
+      >>> lower_bound(SolverRequest((np.array([2.0, 1.0]),)), 1.0)
+      1.0
+    """
+    c, cons, _, _ = _problem(request)
+    res = milp(c, constraints=cons, bounds=Bounds(0, 1), options={"time_limit": time_limit})
+    return float(res.fun) if res.status == 0 else None
+
+
+def solve(request: SolverRequest) -> SolverResult:
+    """Solve exactly with HiGHS (scipy.optimize.milp). If no feasible point comes back
+    (time-out before one is found, or an infeasible request), or the time-limited
+    incumbent costs more than it, the result is strategy 0 everywhere (fully
+    replicated) with status "fallback"."""
+    t0 = time.perf_counter()
+    c, cons, n_s, offs = _problem(request)
+    n_var = len(c)
     integrality = np.r_[np.ones(n_s), np.zeros(n_var - n_s)]
     res = milp(
         c,
-        constraints=LinearConstraint(a, lo, rows.rhs),
+        constraints=cons,
         integrality=integrality,
         bounds=Bounds(0, 1),
-        options={"time_limit": request.time_limit, "mip_rel_gap": 1e-6},
+        options={"time_limit": request.time_limit, "mip_rel_gap": MIP_REL_GAP},
     )
     if res.x is None:
         choice = tuple(0 for _ in request.node_costs)
         status = "infeasible" if res.status == 2 and request.memory else "fallback"
     else:
-        x = res.x[:n_s]
-        choice = tuple(
-            int(np.argmax(x[offs[i] : offs[i + 1]])) for i in range(len(request.node_costs))
-        )
+        choice = _decode(res.x, offs)
         status = "optimal" if res.status == 0 else "time_limit"
     obj, _ = evaluate(request, choice)
     replicated = tuple(0 for _ in request.node_costs)
@@ -214,7 +245,12 @@ def solve(request: SolverRequest) -> SolverResult:
         # a time-limited incumbent can be far from optimal; never return worse than
         # the always-feasible replicated plan
         choice, obj, status = replicated, rep_obj, "fallback"
-    return SolverResult(choice, obj, status, time.perf_counter() - t0, n_var, len(rows.rhs))
+    return SolverResult(choice, obj, status, time.perf_counter() - t0, n_var, cons.A.shape[0])
+
+
+def _decode(x, offs) -> tuple[int, ...]:
+    """The chosen strategy of each node from the solver's variables."""
+    return tuple(int(np.argmax(x[offs[i] : offs[i + 1]])) for i in range(len(offs) - 1))
 
 
 def min_memory(request: SolverRequest) -> tuple[tuple[int, ...], float]:
@@ -223,26 +259,16 @@ def min_memory(request: SolverRequest) -> tuple[tuple[int, ...], float]:
     offs = np.cumsum([0] + [len(c) for c in request.node_costs])
     n_s = int(offs[-1])
     rows = _Rows()
-    for i in range(len(request.node_costs)):
-        rows.add(range(offs[i], offs[i + 1]), [1.0] * (offs[i + 1] - offs[i]), 1.0)
+    rows.one_each(request, offs)
     rows.ties(request, offs)
     rows.memory(request, offs, extra=n_s)
-    a = sp.csr_array((rows.v, (rows.r, rows.c)), shape=(len(rows.rhs), n_s + 1))
-    lo = np.array(rows.rhs, float)
-    lo[rows.is_ineq] = -np.inf
     c = np.r_[np.zeros(n_s), 1.0]
     res = milp(
         c,
-        constraints=LinearConstraint(a, lo, rows.rhs),
+        constraints=rows.constraint(n_s + 1),
         integrality=np.r_[np.ones(n_s), 0.0],
         bounds=Bounds(np.r_[np.zeros(n_s), 0.0], np.r_[np.ones(n_s), np.inf]),
-        options={"time_limit": request.time_limit, "mip_rel_gap": 1e-4},
+        options={"time_limit": request.time_limit, "mip_rel_gap": MIN_MEMORY_REL_GAP},
     )
-    if res.x is None:
-        choice = tuple(0 for _ in request.node_costs)
-    else:
-        x = res.x[:n_s]
-        choice = tuple(
-            int(np.argmax(x[offs[i] : offs[i + 1]])) for i in range(len(request.node_costs))
-        )
+    choice = tuple(0 for _ in request.node_costs) if res.x is None else _decode(res.x, offs)
     return choice, max((r.value(choice) for r in request.memory), default=0.0)

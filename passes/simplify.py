@@ -96,6 +96,7 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
     followed = [None] * len(units)
     rtime = _reshard_time(mesh, hw)
     weak = weak_values(graph)
+    best = _FollowCache(rtime)
     for node in graph.nodes:
         u, pos = n_in + node.id, _followed_operand(graph, node, weak)
         if pos is None:
@@ -104,12 +105,8 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
         p_unit, idx = value_src[v]
         root = root_of[p_unit]
         nbytes = graph.values[v].nbytes
-        pick = functools.cache(
-            functools.partial(_best_follow, units[u], pos, nbytes=nbytes, rtime=rtime)
-        )
-        follow[u] = np.array(
-            [pick(units[p_unit][follow[p_unit][j]].out_specs[idx]) for j in range(len(units[root]))]
-        )
+        have = [units[p_unit][k].out_specs[idx] for k in follow[p_unit]]
+        follow[u] = np.array([best(units[u], pos, spec, nbytes) for spec in have])
         root_of[u], followed[u] = root, pos
     roots = tuple(u for u in range(len(units)) if root_of[u] == u)
     return Problem(
@@ -133,14 +130,38 @@ def _reshard_time(mesh: MeshDesc, hw: Hardware):
     return rt
 
 
-def _best_follow(strategies, pos, spec, *, nbytes, rtime) -> int:
-    """Take the operand as it comes if possible; then split nothing more than needed."""
+class _FollowCache:
+    """A follower's strategy for each layout of its operand: take the operand as it
+    comes if possible; then split nothing more than needed (the first such strategy
+    on ties). Copies of an operation share their strategy tuple, so answers are kept
+    per (strategies, operand position, operand layout, bytes)."""
 
-    def key(k):
-        s = strategies[k]
-        return (rtime(spec, s.in_specs[pos], nbytes), s.axes_used, s.cost)
+    def __init__(self, rtime):
+        self.rtime = rtime
+        self.answers: dict = {}
+        self.groups: dict = {}
 
-    return min(range(len(strategies)), key=key)
+    def _groups(self, strategies, pos):
+        """Per distinct operand layout, its best strategy by (axes used, cost, index)."""
+        key = (id(strategies), pos)
+        if key not in self.groups:
+            best: dict = {}
+            for k, s in enumerate(strategies):
+                cand = (s.axes_used, s.cost, k)
+                spec = s.in_specs[pos]
+                if spec not in best or cand < best[spec]:
+                    best[spec] = cand
+            self.groups[key] = (strategies, list(best.items()))  # keeps strategies alive
+        return self.groups[key][1]
+
+    def __call__(self, strategies, pos, spec, nbytes) -> int:
+        key = (id(strategies), pos, spec, nbytes)
+        if key not in self.answers:
+            self.answers[key] = min(
+                (self.rtime(spec, want, nbytes), *cand)
+                for want, cand in self._groups(strategies, pos)
+            )[-1]
+        return self.answers[key]
 
 
 def build_request(problem: Problem, time_limit: float) -> SolverRequest:
@@ -151,12 +172,16 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
     n_in = len(g.inputs) + len(g.consts)
     inputs = set(g.inputs)
     edges = []
+    made: dict = {}  # copies of an operation repeat the same edge
+    own: dict = {}  # strategy costs per strategy tuple
     for u, strategies in enumerate(problem.units):
         root, fol = problem.root_of[u], problem.follow[u]
         # an operation inside a loop body (and the resharding of its operands) is paid
         # once per iteration
         weight = 1 if u < n_in else g.nodes[u - n_in].weight
-        costs[node[root]] += weight * np.array([strategies[k].cost for k in fol])
+        if id(strategies) not in own:  # copies of an operation share their strategies
+            own[id(strategies)] = (strategies, np.array([st.cost for st in strategies]))
+        costs[node[root]] += weight * own[id(strategies)][1][fol]
         if u < n_in:
             continue
         node_u = g.nodes[u - n_in]
@@ -175,15 +200,11 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
                     [rtime(a, b, nbytes) for a, b in zip(have, want, strict=True)]
                 )
                 continue
-            edge = _edge(
-                node[src_root],
-                node[root],
-                have,
-                want,
-                functools.partial(_sized, rtime, nbytes, scale),
-            )
-            if edge is not None:
-                edges.append(edge)
+            key = (tuple(have), tuple(want), nbytes, scale)
+            if key not in made:
+                made[key] = _edge(have, want, functools.partial(_sized, rtime, nbytes, scale))
+            if made[key] is not None:
+                edges.append(Edge(node[src_root], node[root], *made[key]))
     pairs = [(g.inputs[i], g.outputs[o]) for i, o in g.ties] + list(g.value_ties)
     ties = [_tie(problem, node, vi, vo) for vi, vo in pairs]
     return SolverRequest(
@@ -223,9 +244,11 @@ def _classes(specs):
     return np.array([index.setdefault(s, len(index)) for s in specs]), list(index)
 
 
-def _edge(u, v, have, want, cost_fn) -> Edge | None:
-    """Edge between two ILP nodes; layout classes with identical cost rows (columns)
-    are merged, which keeps edges between many-layout tensors small."""
+def _edge(have, want, cost_fn):
+    """(row class per producer strategy, column class per consumer strategy, cost) of
+    an edge between two ILP nodes, or None if it costs nothing; layout classes with
+    identical cost rows (columns) are merged, which keeps edges between many-layout
+    tensors small."""
     uc, rows = _classes(have)
     vc, cols = _classes(want)
     cost = np.array([[cost_fn(a, b) for b in cols] for a in rows])
@@ -233,7 +256,7 @@ def _edge(u, v, have, want, cost_fn) -> Edge | None:
         return None
     cost, row_of = np.unique(cost, axis=0, return_inverse=True)
     cost, col_of = np.unique(cost, axis=1, return_inverse=True)
-    return Edge(u, v, row_of.ravel()[uc], col_of.ravel()[vc], cost)
+    return row_of.ravel()[uc], col_of.ravel()[vc], cost
 
 
 def _tie(problem: Problem, node, vi: int, vo) -> Tie | None:

@@ -11,6 +11,7 @@ Names read like Alpa's: "S0R x RS1 -> S0S1 [AR1]" is lhs split on dim 0 by mesh 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -86,8 +87,15 @@ class OpInfo:
     fusible: bool = False
 
 
+# Operations repeat: an unrolled model runs the same primitive on the same shapes with
+# the same parameters in every layer, so strategies are cached by that signature.
+STRATEGY_CACHE_SIZE = 1 << 14
+
+
+@functools.lru_cache(maxsize=STRATEGY_CACHE_SIZE)
 def enumerate_strategies(op: OpInfo, mesh: MeshDesc, hw: Hardware) -> tuple[Strategy, ...]:
-    """All legal strategies of one operation on a mesh; the first is fully replicated."""
+    """All legal strategies of one operation on a mesh; the first is fully replicated.
+    Pure, and cached by (operation signature, mesh, hardware)."""
     fmap = op.fmap
     ok = fmap.splittable()
     cands = [i for i, s in enumerate(ok) if s]
@@ -178,6 +186,7 @@ def _reductions(outs, reduce_axes, reduce_op, op: OpInfo, fmap: FactorMap, mesh:
             yield (new,), (coll.Collective(coll.REDUCE_SCATTER, reduce_axes, per_dev[0]),)
 
 
+@functools.lru_cache(maxsize=STRATEGY_CACHE_SIZE)
 def source_strategies(shape, nbytes: float, mesh: MeshDesc, hw: Hardware, replicated_only=False):
     """Layouts an input may take: every block split of its dimensions (only the first,
     replicated one for constants). Each costs the time to read its per-device bytes."""

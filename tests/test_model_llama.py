@@ -104,13 +104,14 @@ def test_adamw_matches_single_device(tiny_setup, mesh):
 
 
 def test_mesh_search_matches_single_device():
-    # mesh=None plans on (8,), (2, 4) and (2, 2, 2); one layer and a short solver time
-    # limit keep it quick (a time-limited plan is still a correct one)
+    # mesh=None considers (8,), (2, 4) and (2, 2, 2): meshes whose lower bound cannot
+    # beat the best plan found are skipped
     s = llama.setup(llama.tiny(n_layers=1), batch_size=2)
-    out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=None, time_limit=3.0)
+    out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=None)
     assert_close(out[1], ref[1], atol=1e-5)
     assert_close(out[0], ref[0], atol=ADAM_ATOL)
-    assert len(step.plan(s.state, s.batch).solver.candidates) == 3
+    tried = step.plan(s.state, s.batch).solver.candidates  # solved, not skipped
+    assert "(8,)" in tried and set(tried) <= {"(8,)", "(2, 4)", "(2, 2, 2)"}
 
 
 def _abstract_setup(config, batch_size):

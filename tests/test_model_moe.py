@@ -118,10 +118,7 @@ def test_balance_loss_is_one_when_balanced_and_large_when_collapsed():
 @pytest.mark.parametrize("mesh", [(8,), (2, 4), None], ids=str)
 def test_adamw_matches_single_device(tiny_setup, mesh):
     s = tiny_setup
-    # On (2, 2, 2) the 4-D dispatch/expert tensors have 124 layouts each and the ILP has
-    # ~760k variables (~75 s to give up at the default limit): bound it, the numbers of
-    # any plan must match.
-    out, ref, _ = run_both(s.train_step, s.state, s.batch, mesh=mesh, time_limit=1.0)
+    out, ref, _ = run_both(s.train_step, s.state, s.batch, mesh=mesh)
     assert_close(out[1], ref[1], atol=1e-5)  # loss
     assert_close(out[0], ref[0], atol=ADAM_ATOL)
 

@@ -1,0 +1,88 @@
+"""Collective accounting: the collectives a plan implies, as XLA will run them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from autoshard.cost_model import collectives as coll
+from autoshard.cost_model.resharding import reshard
+from autoshard.mesh_plan import MeshPlan
+from autoshard.passes.annotate import Layout
+from autoshard.passes.graph import Lit, OpGraph
+
+# XLA fuses independent all-reduces over the same devices into one (its all-reduce
+# combiner runs on every backend); other kinds are counted one by one.
+COMBINED_KINDS = (coll.ALL_REDUCE,)
+
+
+def predicted_collectives(mp: MeshPlan, layout: Layout) -> list[tuple[int, coll.Collective]]:
+    """(graph node id, collective) for every collective the plan implies: each
+    operation's own, and each resharding of an operand."""
+    p, g = mp.problem, mp.problem.graph
+    out, done = [], set()
+    for n in g.nodes:
+        u = p.node_unit(n.id)
+        out += [(n.id, c) for c in p.units[u][mp.picks[u]].collectives]
+        for r, want in zip(n.inputs, layout.operand_specs[n.id], strict=True):
+            # XLA reshards a value once for all consumers that want the same layout.
+            if not isinstance(r, Lit) and want != layout.value_specs[r] and (r, want) not in done:
+                done.add((r, want))
+                cs = reshard(layout.value_specs[r], want, g.values[r].nbytes, p.mesh)
+                out += [(n.id, c) for c in cs]
+    return out
+
+
+def times(mp: MeshPlan, combined) -> tuple[float, float]:
+    """(compute, communication) seconds of the chosen plan, given its collectives as
+    the compiled program runs them: (times run per step, collective) pairs."""
+    mesh, hw = mp.problem.mesh, mp.problem.hw
+    comm = sum(w * coll.total_time([c], mesh, hw) for w, c in combined)
+    return max(mp.result.objective - comm, 0.0), comm
+
+
+def _ancestors(graph: OpGraph) -> list[int]:
+    """Per node, a bitset of the nodes it depends on (transitively)."""
+    prod = graph.producer()
+    anc: list[int] = []
+    for n in graph.nodes:
+        bits = 0
+        for r in n.inputs:
+            if not isinstance(r, Lit) and r in prod:
+                p = prod[r]
+                bits |= anc[p] | (1 << p)
+        anc.append(bits)
+    return anc
+
+
+def combine(mp: MeshPlan, preds) -> list[tuple[int, coll.Collective]]:
+    """The collectives the compiled program should contain, each with the number of
+    times it runs per step: the predicted ones, with independent all-reduces over the
+    same axes in the same loop body (or outside all loops) merged greedily into one.
+    A collective in a loop body appears once in the program text."""
+    g = mp.problem.graph
+    anc = _ancestors(g)
+    buckets: list[tuple[coll.Collective, int, list[int]]] = []
+    out = []
+    for nid, c in preds:
+        region, weight = g.nodes[nid].region, g.nodes[nid].weight
+        if c.kind not in COMBINED_KINDS:
+            out.append((weight, c))
+            continue
+        for i, (b, r, members) in enumerate(buckets):
+            same = (b.kind, b.axes, b.reduce_op, r) == (c.kind, c.axes, c.reduce_op, region)
+            indep = all(not (anc[nid] >> m) & 1 and not (anc[m] >> nid) & 1 for m in members)
+            if same and indep:
+                buckets[i] = (replace(b, nbytes=b.nbytes + c.nbytes), r, [*members, nid])
+                break
+        else:
+            buckets.append((c, region, [nid]))
+    return out + [(g.nodes[m[0]].weight, b) for b, _, m in buckets]
+
+
+def comm_time_by_kind(mp, combined) -> dict[str, float]:
+    """Communication seconds per step of the chosen plan, by collective kind."""
+    mesh, hw = mp.problem.mesh, mp.problem.hw
+    out: dict[str, float] = {}
+    for w, c in combined:
+        out[c.kind] = out.get(c.kind, 0.0) + w * coll.total_time([c], mesh, hw)
+    return out

@@ -1,0 +1,135 @@
+"""Planning at scale: repeated layers share ILP variables, plans persist on disk,
+progress is logged, and a solver that runs out of time still returns a plan that fits."""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+from util import ADAM_ATOL, CPU, assert_close, run_both
+
+import autoshard
+from autoshard import progress, search
+from autoshard.cost_model.ilp import Edge, MemoryRow, SharedCost, SolverRequest, Tie, evaluate
+from autoshard.mesh import candidate_meshes
+from autoshard.models import gpt, mlp
+from autoshard.passes.graph import build_graph
+from autoshard.passes.repeats import Collapse, unit_colours
+from autoshard.passes.trace import trace
+
+
+@pytest.fixture(scope="module")
+def gpt4_graph():
+    """A 4-layer GPT's step graph: layers 1 and 2 are copies in the middle."""
+    cfg = gpt.GPTConfig(vocab=64, d_model=32, n_heads=4, n_layers=4, seq_len=8, d_ff=64)
+    s = gpt.setup(cfg, 8)
+    return build_graph(trace(s.train_step, (s.state, s.batch)))
+
+
+def test_copies_of_a_layer_share_a_colour_and_different_weights_do_not(gpt4_graph):
+    g = gpt4_graph
+    colours = unit_colours(g)
+    by_path = {g.values[v].name: colours[i] for i, v in enumerate(g.inputs)}
+    q = [c for p, c in by_path.items() if "attn']['q']['kernel" in p and "params" in p]
+    k = [c for p, c in by_path.items() if "attn']['k']['kernel" in p and "params" in p]
+    assert len(q) == 4 and len(set(q[1:3])) == 1  # the middle layers' copies match
+    assert not set(q) & set(k)  # q and k projections never share
+
+
+def test_collapsed_plan_matches_the_full_ilp_and_is_smaller(gpt4_graph):
+    g = gpt4_graph
+    meshes = candidate_meshes((8,), jax.devices(), CPU)
+    full, _ = search.search(g, meshes, CPU, 60.0, None, collapse=False)
+    shared, _ = search.search(g, meshes, CPU, 60.0, None, collapse=True)
+    assert full.result.status == shared.result.status == "optimal"
+    assert shared.collapse.classes < len(shared.problem.roots)
+    assert shared.result.num_variables < full.result.num_variables
+    assert shared.result.objective <= full.result.objective * 1.02
+    # the collapsed choice is a plan of the full problem, priced the same
+    obj, bad = evaluate(full.request, shared.result.choice)
+    assert not bad and obj == pytest.approx(shared.result.objective)
+
+
+def test_collapsed_request_prices_every_choice_like_the_full_one():
+    rng = np.random.default_rng(0)
+    costs = tuple(rng.random(3) for _ in range(4))
+    cls = np.arange(3)
+    edges = (
+        Edge(0, 1, cls, cls, rng.random((3, 3))),
+        Edge(2, 3, cls, cls, rng.random((3, 3))),
+        Edge(1, 2, cls, cls, rng.random((3, 3))),
+    )
+    req = SolverRequest(
+        costs,
+        edges,
+        (Tie(0, 3, cls, cls),),
+        shared=(SharedCost(0.5, ((1, (1,)), (3, (2,)))),),
+        memory=(MemoryRow(((0, rng.random(3)), (2, rng.random(3))), 1.0),),
+        memory_budget=10.0,
+    )
+    col = Collapse(np.array([0, 1, 0, 1]))  # nodes 0, 2 and nodes 1, 3 are copies
+    small = col.request(req)
+    for a in range(3):
+        for b in range(3):
+            full_obj, full_bad = evaluate(req, col.expand((a, b)))
+            obj, bad = evaluate(small, (a, b))
+            assert obj == pytest.approx(full_obj) and bool(bad) == bool(full_bad)
+
+
+def test_plans_persist_on_disk(tmp_path):
+    s = mlp.setup(mlp.MLPConfig(32, 64, 2), 1024)  # data parallel
+    first = autoshard.parallelize(s.train_step, mesh=(2, 4), hardware=CPU, cache_dir=tmp_path)
+    plan = first.plan(s.state, s.batch)
+    assert first.solve_count == 1 and list(tmp_path.glob("*.plan"))
+    again = autoshard.parallelize(s.train_step, mesh=(2, 4), hardware=CPU, cache_dir=tmp_path)
+    loaded = again.plan(s.state, s.batch)
+    assert again.solve_count == 0
+    assert loaded.in_specs == plan.in_specs and loaded.cost == plan.cost
+    assert any(any(e.spec) for e in loaded.inputs)  # a plan that splits something
+    out, ref = again(s.state, s.batch), jax.jit(s.train_step)(s.state, s.batch)
+    assert_close(out, ref, atol=ADAM_ATOL)
+    # other options are another plan
+    other = autoshard.parallelize(s.train_step, mesh=(8,), hardware=CPU, cache_dir=tmp_path)
+    other.plan(s.state, s.batch)
+    assert other.solve_count == 1
+    off = autoshard.parallelize(s.train_step, mesh=(2, 4), hardware=CPU, cache=False)
+    assert off.cache_dir is None
+
+
+def test_progress_and_replan_are_logged(caplog, monkeypatch):
+    monkeypatch.setattr(progress, "PROGRESS_AFTER", 0.0)
+    s = mlp.setup(mlp.tiny(), batch_size=8)
+    caplog.set_level(logging.INFO, logger="autoshard")
+    step = autoshard.parallelize(s.train_step, mesh=None, hardware=CPU)
+    step.plan(s.state, s.batch)
+    text = caplog.text
+    assert "mesh (8,): solving" in text and "best so far" in text
+    caplog.clear()
+    small = jax.tree.map(lambda x: x[:4], s.batch)
+    step.plan(s.state, small)
+    lines = [r.getMessage() for r in caplog.records if "re-planned" in r.getMessage()]
+    assert len(lines) == 1 and "[8, " in lines[0] and "[4, " in lines[0]
+    caplog.clear()
+    quiet = autoshard.parallelize(s.train_step, mesh=(8,), hardware=CPU, verbose=False)
+    quiet.plan(s.state, s.batch)
+    assert not caplog.records
+
+
+def test_timed_out_solver_still_returns_a_plan_within_budget():
+    s = mlp.setup(mlp.MLPConfig(64, 2048, 2), 8)
+    roomy = autoshard.parallelize(s.train_step, mesh=(8,), hardware=CPU).plan(s.state, s.batch)
+    budget = 0.9 * roomy.cost.memory["total"]
+    step = autoshard.parallelize(
+        s.train_step, mesh=(8,), hardware=CPU, memory_budget=budget, time_limit=1e-9
+    )
+    try:
+        plan = step.plan(s.state, s.batch)
+    except autoshard.MemoryBudgetError as e:
+        assert "time limit" in str(e)
+    else:
+        assert plan.cost.memory["total"] <= budget * 1.000001
+        out, ref, _ = run_both(
+            s.train_step, s.state, s.batch, mesh=(8,), hardware=CPU, memory_budget=budget,
+            time_limit=1e-9,
+        )  # fmt: skip
+        assert_close(out, ref, atol=ADAM_ATOL)
