@@ -46,7 +46,7 @@ def test_bad_factory_and_hardware_are_clear_errors(capsys):
     for argv, message in (
         (["plan", "no_colon"], "must look like 'pkg.module:function'"),
         (["plan", "autoshard.models.gpt:nope"], "has no 'nope'"),
-        (["plan", "autoshard.models.gpt:demo", "--hardware", "abacus"], "presets: cpu"),
+        (["plan", "autoshard.models.gpt:demo", "--hardware", "abacus"], "h100-nvlink, h200"),
     ):
         try:
             cli.main(argv)
