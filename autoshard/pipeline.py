@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from dataclasses import dataclass
 
 import jax
@@ -41,8 +40,9 @@ class Pipeline:
       stages: p, pipeline stages; the mesh needs an axis of this size (or `axis`).
       microbatches: m; the batch (leading dimension of the step's last argument)
         must divide by it.
-      schedule: "gpipe" (all forward microbatches, then all backward). "1f1b" is
-        priced by the cost model but runs as GPipe, with a warning.
+      schedule: "gpipe" (all forward microbatches, then all backward) or "1f1b"
+        (each stage alternates forwards and backwards: at most p microbatches'
+        residuals live; needs a loss head that treats batch rows independently).
       axis: name of the mesh axis for the stages (default: the first of size p).
 
     Example:
@@ -496,20 +496,21 @@ def build(ctx: Context, mesh, axis: str, m: int, schedule: str, loops, mp, t0: f
         layout=layout,
         pipeline=choice,
     )
-    runners = {s.loop: loop_runner(s, mesh, axis, m) for s in loops}
-    return plan, interpreter(g, layout, mesh, runners)
+    return plan, interpreter(g, layout, mesh, _runners(ctx, loops, mesh, axis, m, schedule))
+
+
+def _runners(ctx: Context, loops, mesh, axis: str, m: int, schedule: str) -> dict:
+    if schedule == cm.ONE_F_ONE_B:
+        from autoshard import pipeline_1f1b
+
+        return pipeline_1f1b.runners(ctx, loops, mesh, axis, m)
+    return {s.loop: loop_runner(s, mesh, axis, m) for s in loops}
 
 
 def forced(ctx: Context, pipe: Pipeline, meshes):
     """(Plan, run) for a forced Pipeline: on the candidate mesh axis of its size with
     the least bandwidth (the first such on uniform hardware)."""
     t0 = time.perf_counter()
-    if pipe.schedule == cm.ONE_F_ONE_B:
-        warnings.warn(
-            "autoshard: the 1f1b schedule is not implemented for execution; running GPipe "
-            "(same bubble, more activation memory). See docs/pipeline.md.",
-            stacklevel=3,
-        )
     found = [(mesh, _pipe_axis(mesh, pipe.stages, pipe.axis)) for mesh in meshes]
     found = [(mesh, a) for mesh, a in found if a is not None]
     if not found:
@@ -534,8 +535,17 @@ def forced(ctx: Context, pipe: Pipeline, meshes):
     problem = _check_layers(loops, pipe.stages)
     if problem:
         raise PipelineError(f"autoshard: Pipeline(stages={pipe.stages}): {problem}.")
+    if pipe.schedule == cm.ONE_F_ONE_B:
+        from autoshard.pipeline_1f1b import head_for
+
+        head = head_for(ctx, loops, pipe.microbatches)[0]
+        if isinstance(head, str):
+            raise PipelineError(
+                f"autoshard: Pipeline(schedule='1f1b') cannot run this step: {head}. Use "
+                "schedule='gpipe' (same bubble, all microbatches' residuals live)."
+            )
     mp = _sub_plan(ctx, mesh, axis)
-    return build(ctx, mesh, axis, pipe.microbatches, cm.GPIPE, loops, mp, t0)
+    return build(ctx, mesh, axis, pipe.microbatches, pipe.schedule, loops, mp, t0)
 
 
 def hierarchical(hw: Hardware) -> bool:
@@ -590,5 +600,5 @@ def runner(ctx: Context, plan):
     process (autoshard.distributed) runs the same way."""
     p = plan.pipeline
     loops = find_loops(ctx, p.microbatches)
-    runners = {s.loop: loop_runner(s, plan.mesh, p.axis, p.microbatches) for s in loops}
+    runners = _runners(ctx, loops, plan.mesh, p.axis, p.microbatches, p.schedule)
     return interpreter(ctx.graph, plan.layout, plan.mesh, runners)
