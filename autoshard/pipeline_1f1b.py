@@ -147,6 +147,7 @@ def _program(graph: OpGraph, micro: OpGraph, head: Head, axis: str, p: int, m: i
     fdims, bdims = f.in_dims, b.in_dims
     fouts = [v.aval for v in fpar["jaxpr"].jaxpr.outvars]
     bouts = [v.aval for v in bpar["jaxpr"].jaxpr.outvars]
+    bcarry = bouts[:bnk]
     lp = f.length // p
     kr, ka, kc = buffers(p, m)
     ops, mbs = schedule(p, m)
@@ -164,94 +165,88 @@ def _program(graph: OpGraph, micro: OpGraph, head: Head, axis: str, p: int, m: i
 
     def program(fc, fk, fx, bo, hx):
         s = jax.lax.axis_index(axis)
+        last = s == p - 1
 
-        def forward(st, i):
-            inbox_f, inbox_b, res, fo, bo_, bys = st
-            first = [_take(c, d, i) for c, d in zip(fk, fdims[fnc : fnc + fnk], strict=True)]
-            cin = [jnp.where(s == 0, a, x[i % ka]) for a, x in zip(first, inbox_f, strict=True)]
+        def forward(cin, i):
+            """One microbatch through this stage's layers (and the head on the last)."""
             cs = [_take(c, d, i) for c, d in zip(fc, fdims[:fnc], strict=True)]
             xl = [_take(x, d, i) for x, d in zip(fx, fdims[fnc + fnk :], strict=True)]
             cout, yl = jax.lax.scan(lambda c, x: fbody(cs, c, x), cin, xl)
-            res = [r.at[i % kr].set(y) for r, y in zip(res, yl, strict=True)]
-            last = s == p - 1
-            fo = [
-                _put(o, d, i, c, last) for o, c, d in zip(fo, cout, f.out_dims[:fnk], strict=True)
-            ]
 
             def run_head():
                 env = {v: cout[carry_of[v]] for v in head.carries}
-                env.update(
-                    {
-                        v: _take(x, d, i)
-                        for v, x, d in zip(head.inputs, hx, head.input_dims, strict=True)
-                    }
-                )
+                ins = zip(head.inputs, hx, head.input_dims, strict=True)
+                env.update({v: _take(x, d, i) for v, x, d in ins})
                 return _eval_head(graph, micro, head, env)
 
-            cts = jax.lax.cond(last, run_head, lambda: [jnp.zeros_like(x[0]) for x in inbox_b])
-            inbox_b = [_put(x, 0, i % kc, c, last) for x, c in zip(inbox_b, cts, strict=True)]
-            sent_b = [jnp.zeros_like(x[0]) for x in inbox_b]
-            return (inbox_f, inbox_b, res, fo, bo_, bys), (list(cout), sent_b)
-
-        def backward(st, i):
-            inbox_f, inbox_b, res, fo, bo_, bys = st
-            operands, it_o = [], iter(bo)
-            for pos, (kind, ref) in enumerate(head.sources):
-                if kind == CARRY:
-                    operands.append(inbox_b[ref][i % kc])
-                elif kind == RESID:
-                    operands.append(res[ref][i % kr])
-                else:
-                    operands.append(_take(next(it_o), bdims[pos], i))
-            cs, cin, xl = operands[:bnc], operands[bnc : bnc + bnk], operands[bnc + bnk :]
-            cout, yl = jax.lax.scan(lambda c, x: bbody(cs, c, x), cin, xl, reverse=True)
-            kinds, ydims = b.out_kinds[bnk:], b.out_dims[bnk:]
-            bys = [
-                _collect(a, y, d, k, i, True)
-                for a, y, d, k in zip(bys, yl, ydims, kinds, strict=True)
-            ]
-            bo_ = [
-                _put(o, d, i, c, s == 0)
-                for o, c, d in zip(bo_, cout, b.out_dims[:bnk], strict=True)
-            ]
-            sent_f = [jnp.zeros_like(x[0]) for x in inbox_f]
-            return (inbox_f, inbox_b, res, fo, bo_, bys), (sent_f, list(cout))
-
-        def idle(st, i):
-            inbox_f, inbox_b = st[0], st[1]
-            return st, (
-                [jnp.zeros_like(x[0]) for x in inbox_f],
-                [jnp.zeros_like(x[0]) for x in inbox_b],
+            cts = jax.lax.cond(
+                last, run_head, lambda: [jnp.zeros(a.shape, a.dtype) for a in bcarry]
             )
+            return list(cout), list(yl), cts
+
+        def backward(operands, i):
+            """One microbatch's cotangents back through this stage's layers."""
+            it = iter(operands)
+            full = []
+            for pos, (kind, _) in enumerate(head.sources):
+                x = next(it)
+                full.append(_take(x, bdims[pos], i) if kind == OUTER else x)
+            cs, cin, xl = full[:bnc], full[bnc : bnc + bnk], full[bnc + bnk :]
+            cout, yl = jax.lax.scan(lambda c, x: bbody(cs, c, x), cin, xl, reverse=True)
+            return list(cout), list(yl)
+
+        def none(shapes):
+            return lambda *_: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
         def tick(st, row):
+            inbox_f, inbox_b, res, fo, bo_, bys = st
             op, i, rf, rb = row[s, 0], row[s, 1], row[s, 2], row[s, 3]
-            st, (sf, sb) = jax.lax.switch(op, [idle, forward, backward], st, i)
-            got_f = [jax.lax.ppermute(x, axis, fwd_perm) for x in sf]
-            got_b = [jax.lax.ppermute(x, axis, bwd_perm) for x in sb]
-            inbox_f, inbox_b, *rest = st
-            inbox_f = [
-                _put(x, 0, jnp.maximum(rf, 0) % ka, g, rf >= 0)
-                for x, g in zip(inbox_f, got_f, strict=True)
+            isf, isb = op == FWD, op == BWD
+            first = [_take(c, d, i) for c, d in zip(fk, fdims[fnc : fnc + fnk], strict=True)]
+            cin = [jnp.where(s == 0, a, x[i % ka]) for a, x in zip(first, inbox_f, strict=True)]
+            fshape = jax.eval_shape(forward, cin, i)
+            cout_f, yl_f, cts = jax.lax.cond(isf, forward, none(fshape), cin, i)
+            res = [_put(r, 0, i % kr, y, isf) for r, y in zip(res, yl_f, strict=True)]
+            fo = [
+                _put(o, d, i, c, isf & last)
+                for o, c, d in zip(fo, cout_f, f.out_dims[:fnk], strict=True)
             ]
-            inbox_b = [
-                _put(x, 0, jnp.maximum(rb, 0) % kc, g, rb >= 0)
-                for x, g in zip(inbox_b, got_b, strict=True)
+            inbox_b = [_put(x, 0, i % kc, c, isf & last) for x, c in zip(inbox_b, cts, strict=True)]
+            ops_b, it_o = [], iter(bo)
+            for kind, ref in head.sources:
+                if kind == CARRY:
+                    ops_b.append(inbox_b[ref][i % kc])
+                elif kind == RESID:
+                    ops_b.append(res[ref][i % kr])
+                else:
+                    ops_b.append(next(it_o))
+            bshape = jax.eval_shape(backward, ops_b, i)
+            cout_b, yl_b = jax.lax.cond(isb, backward, none(bshape), ops_b, i)
+            kinds, ydims = b.out_kinds[bnk:], b.out_dims[bnk:]
+            bys = [
+                _collect(a, y, d, k, i, isb)
+                for a, y, d, k in zip(bys, yl_b, ydims, kinds, strict=True)
             ]
-            return (inbox_f, inbox_b, *rest), None
+            bo_ = [
+                _put(o, d, i, c, isb & (s == 0))
+                for o, c, d in zip(bo_, cout_b, b.out_dims[:bnk], strict=True)
+            ]
+            got_f = [jax.lax.ppermute(x, axis, fwd_perm) for x in cout_f]
+            got_b = [jax.lax.ppermute(x, axis, bwd_perm) for x in cout_b]
+            jf, jb = jnp.maximum(rf, 0), jnp.maximum(rb, 0)
+            inbox_f = [_put(x, 0, jf % ka, g, rf >= 0) for x, g in zip(inbox_f, got_f, strict=True)]
+            inbox_b = [_put(x, 0, jb % kc, g, rb >= 0) for x, g in zip(inbox_b, got_b, strict=True)]
+            return (inbox_f, inbox_b, res, fo, bo_, bys), None
 
         init = (
             [zeros(a.shape, a.dtype, ka) for a in fouts[:fnk]],
-            [zeros(a.shape, a.dtype, kc) for a in bouts[:bnk]],
+            [zeros(a.shape, a.dtype, kc) for a in bcarry],
             [zeros((lp, *a.shape), a.dtype, kr) for a in fouts[fnk:]],
             [
                 zeros(a.shape, a.dtype, m, d)
                 for a, d in zip(fouts[:fnk], f.out_dims[:fnk], strict=True)
             ],
-            [
-                zeros(a.shape, a.dtype, m, d)
-                for a, d in zip(bouts[:bnk], b.out_dims[:bnk], strict=True)
-            ],
+            [zeros(a.shape, a.dtype, m, d) for a, d in zip(bcarry, b.out_dims[:bnk], strict=True)],
             [
                 zeros((lp, *a.shape), a.dtype, m, d)
                 if k == "batch"
