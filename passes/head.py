@@ -44,6 +44,7 @@ ROW_LOCAL = frozenset(
         "squeeze",
         "expand_dims",
         "convert_element_type",
+        "slice",
     }
 )
 # shape-preserving operations that move values between positions
@@ -58,12 +59,7 @@ MIXING = frozenset(
         "rev",
         "dynamic_slice",
         "dynamic_update_slice",
-        "gather",
-        "scatter",
-        "scatter-add",
-        "scatter_add",
         "pad",
-        "slice",
         "concatenate",
         "iota",
         "reduce_window_sum",
@@ -75,6 +71,8 @@ MIXING = frozenset(
         "rng_bit_generator",
     }
 )
+
+INDEXING = frozenset({"gather", "scatter", "scatter-add", "scatter_add"})
 
 RESID, CARRY, OUTER = "resid", "carry", "outer"
 
@@ -122,8 +120,12 @@ def _row_local(graph: OpGraph, micro: OpGraph, nid: int) -> str | None:
         return f"{n.name} changes rank with the batch size"
     if any(_batched(graph, micro, v) and _bdim(graph, micro, v) is None for v in vals):
         return f"{n.name} has an operand whose batch dimension is ambiguous"
+    if n.name in INDEXING:
+        return _indexing(graph, micro, n)
     if list(jax_core.jaxprs_in_params(n.params)):
         return f"{n.name} holds a nested computation"
+    if n.name == "slice" and not _whole_rows(graph, micro, n):
+        return "slice cuts the batch dimension"
     if n.name in MIXING:
         return f"{n.name} moves values between rows"
     bin_ = [v for v in ins if _batched(graph, micro, v)]
@@ -135,8 +137,7 @@ def _row_local(graph: OpGraph, micro: OpGraph, nid: int) -> str | None:
     if not bin_:
         # rows made from nothing batched: only a broadcast makes them all equal
         return None if n.name == "broadcast_in_dim" else f"{n.name} makes rows that differ"
-    shapes = {graph.values[v].shape for v in vals if graph.values[v].shape}
-    if n.name not in ROW_LOCAL and len(shapes) > 1:
+    if n.name not in ROW_LOCAL and not _elementwise(graph, ins, n.outputs):
         return f"{n.name} changes shapes"
     if n.name == "reshape":
         a, b = bin_[0], bout[0]
@@ -144,6 +145,69 @@ def _row_local(graph: OpGraph, micro: OpGraph, nid: int) -> str | None:
         da, db = _bdim(graph, micro, a), _bdim(graph, micro, b)
         if np.prod(sa[:da]) != np.prod(sb[:db]) or np.prod(sa[da:]) != np.prod(sb[db:]):
             return "reshape merges the batch with other dimensions"
+    return None
+
+
+def _elementwise(graph: OpGraph, ins, outs) -> bool:
+    """Every operand has the result's shape, but for scalars and size-1 dimensions
+    (broadcast alike to every row)."""
+    shape = graph.values[outs[0]].shape
+    for v in [*ins, *outs]:
+        a = graph.values[v].shape
+        if a and (len(a) != len(shape) or any(x not in (y, 1) for x, y in zip(a, shape))):
+            return False
+    return all(graph.values[v].shape == shape for v in outs)
+
+
+def _whole_rows(graph: OpGraph, micro: OpGraph, n) -> bool:
+    """A slice that keeps the batch dimension whole (start 0, stride 1, to the end)."""
+    v = n.inputs[0]
+    d = _bdim(graph, micro, v)
+    if d is None:
+        return True
+    strides = n.params.get("strides") or (1,) * len(graph.values[v].shape)
+    start, limit = n.params["start_indices"][d], n.params["limit_indices"][d]
+    return start == 0 and limit == graph.values[v].shape[d] and strides[d] == 1
+
+
+def _indexing(graph: OpGraph, micro: OpGraph, n) -> str | None:
+    """A gather or scatter keeps rows apart when its indices do not carry the batch
+    and the operand's batch dimension is a whole window (never indexed)."""
+    operand, indices = n.inputs[0], n.inputs[1]
+    if isinstance(operand, Lit) or isinstance(indices, Lit):
+        return None
+    d = _bdim(graph, micro, operand)
+    if d is None:
+        return (
+            None
+            if not any(_batched(graph, micro, v) for v in n.outputs)
+            else (f"{n.name} makes rows that differ")
+        )
+    dn = n.params["dimension_numbers"]
+    if n.name == "gather":
+        indexed = (*dn.start_index_map, *dn.collapsed_slice_dims, *dn.operand_batching_dims)
+        whole = n.params["slice_sizes"][d] == graph.values[operand].shape[d]
+    else:
+        indexed = (
+            *dn.scatter_dims_to_operand_dims,
+            *dn.inserted_window_dims,
+            *dn.operand_batching_dims,
+        )
+        whole = True
+    if _batched(graph, micro, indices):
+        # per-row indices: the batch dimension must be a batching dimension of both
+        ob = dn.operand_batching_dims
+        ib = (
+            dn.start_indices_batching_dims
+            if n.name == "gather"
+            else (dn.scatter_indices_batching_dims)
+        )
+        bi = _bdim(graph, micro, indices)
+        if d not in ob or ib[ob.index(d)] != bi:
+            return f"{n.name} indexes with values that carry the batch"
+        indexed = tuple(x for x in indexed if x != d)
+    if d in indexed or not whole:
+        return f"{n.name} indexes the batch dimension"
     return None
 
 
