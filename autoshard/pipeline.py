@@ -12,6 +12,7 @@ The remaining mesh axes keep the intra-operator plan the ILP finds for them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -500,9 +501,9 @@ def build(ctx: Context, mesh, axis: str, m: int, schedule: str, loops, mp, t0: f
 
 
 def _runners(ctx: Context, loops, mesh, axis: str, m: int, schedule: str) -> dict:
-    if schedule == cm.ONE_F_ONE_B:
-        from autoshard import pipeline_1f1b
+    from autoshard import pipeline_1f1b
 
+    if schedule == cm.ONE_F_ONE_B:
         return pipeline_1f1b.runners(ctx, loops, mesh, axis, m)
     return {s.loop: loop_runner(s, mesh, axis, m) for s in loops}
 
@@ -536,14 +537,9 @@ def forced(ctx: Context, pipe: Pipeline, meshes):
     if problem:
         raise PipelineError(f"autoshard: Pipeline(stages={pipe.stages}): {problem}.")
     if pipe.schedule == cm.ONE_F_ONE_B:
-        from autoshard.pipeline_1f1b import head_for
+        from autoshard.pipeline_1f1b import check
 
-        head = head_for(ctx, loops, pipe.microbatches)[0]
-        if isinstance(head, str):
-            raise PipelineError(
-                f"autoshard: Pipeline(schedule='1f1b') cannot run this step: {head}. Use "
-                "schedule='gpipe' (same bubble, all microbatches' residuals live)."
-            )
+        check(ctx, loops, pipe.microbatches)
     mp = _sub_plan(ctx, mesh, axis)
     return build(ctx, mesh, axis, pipe.microbatches, pipe.schedule, loops, mp, t0)
 
@@ -559,8 +555,8 @@ def auto(ctx: Context, meshes, best: float):
     """(Plan, run) of the cheapest pipelined plan over every mesh axis of size >= 2
     of every candidate mesh with two or more axes, if it beats `best` seconds; else
     None. Only on hierarchical hardware (see `hierarchical`), and only plans whose
-    per-stage memory fits ctx.budget. Batches and layer counts a pipeline cannot
-    split are never chosen."""
+    per-stage memory fits ctx.budget (1F1B where only it fits). Batches and layer
+    counts a pipeline cannot split are never chosen."""
     t0 = time.perf_counter()
     if not any(hierarchical(_hw(ctx, mesh)) for mesh in meshes):
         return None
@@ -572,7 +568,10 @@ def auto(ctx: Context, meshes, best: float):
     loops = find_loops(ctx, m0) if m0 else ()
     if not loops:
         return None
-    choice = None
+    from autoshard.pipeline_1f1b import runs
+
+    choice, one_f_one_b = None, functools.cache(lambda: runs(ctx, loops, m0))
+
     for mesh in meshes:
         for axis in mesh.axis_names if len(mesh.axis_names) > 1 else ():
             p = mesh.shape[axis]
@@ -583,15 +582,20 @@ def auto(ctx: Context, meshes, best: float):
             g = ctx.graph
             stacked = stacked_values(g, loops)
             for m in ms:
-                c = predict(mp, g, loops, stacked, _hw(ctx, mesh), mesh, axis, m, cm.GPIPE)
-                fits = ctx.budget is None or c.stage_memory["total"] <= ctx.budget
-                if fits and c.time < best and (choice is None or c.time < choice[0].time):
-                    choice = (c, mesh, axis, m, mp)
+                for sched in (cm.GPIPE, cm.ONE_F_ONE_B):
+                    if sched == cm.ONE_F_ONE_B and not one_f_one_b():
+                        break
+                    c = predict(mp, g, loops, stacked, _hw(ctx, mesh), mesh, axis, m, sched)
+                    fits = ctx.budget is None or c.stage_memory["total"] <= ctx.budget
+                    if fits and c.time < best and (choice is None or c.time < choice[0].time):
+                        choice = (c, mesh, axis, m, mp)
+                    if fits:
+                        break  # 1F1B only where GPipe's residuals do not fit
     if choice is None:
         return None
-    _, mesh, axis, m, mp = choice
+    c, mesh, axis, m, mp = choice
     # each stage runs the loop body traced at this microbatch size
-    return build(ctx, mesh, axis, m, cm.GPIPE, find_loops(ctx, m), mp, t0)
+    return build(ctx, mesh, axis, m, c.schedule, find_loops(ctx, m), mp, t0)
 
 
 def runner(ctx: Context, plan):

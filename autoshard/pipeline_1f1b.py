@@ -360,3 +360,20 @@ def runners(ctx, loops, mesh, axis: str, m: int) -> dict:
     if isinstance(head, str):
         raise ValueError(f"autoshard: the 1f1b schedule cannot run this step: {head}.")
     return Fused(ctx.graph, micro, head, mesh, axis, m).runners()
+
+
+def runs(ctx, loops, m: int) -> bool:
+    """Whether the step's loss head runs per microbatch, so 1F1B can run it."""
+    return not isinstance(head_for(ctx, loops, m)[0], str)
+
+
+def check(ctx, loops, m: int) -> None:
+    """Raise PipelineError naming why a forced 1F1B cannot run this step, if it cannot."""
+    from autoshard.pipeline import PipelineError
+
+    head = head_for(ctx, loops, m)[0]
+    if isinstance(head, str):
+        raise PipelineError(
+            f"autoshard: Pipeline(schedule='1f1b') cannot run this step: {head}. Use "
+            "schedule='gpipe' (same bubble, all microbatches' residuals live)."
+        )

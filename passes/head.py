@@ -154,7 +154,9 @@ def _elementwise(graph: OpGraph, ins, outs) -> bool:
     shape = graph.values[outs[0]].shape
     for v in [*ins, *outs]:
         a = graph.values[v].shape
-        if a and (len(a) != len(shape) or any(x not in (y, 1) for x, y in zip(a, shape))):
+        if a and len(a) != len(shape):
+            return False
+        if a and any(x not in (y, 1) for x, y in zip(a, shape, strict=True)):
             return False
     return all(graph.values[v].shape == shape for v in outs)
 
