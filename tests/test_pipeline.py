@@ -11,6 +11,7 @@ import autoshard
 from autoshard.models import gpt_scan
 from autoshard.models import residual_stack as rs
 from autoshard.passes.graph import build_graph
+from autoshard.passes.head import analyse
 from autoshard.passes.stages import BATCH, SUM, stack_loops
 from autoshard.passes.trace import trace
 from autoshard.pipeline import micro_args
@@ -247,3 +248,20 @@ def test_layers_that_mix_the_batch_are_not_pipelined():
     forced = autoshard.parallelize(step, mesh=(4, 2), hardware=CPU, pipeline=pipe)
     with pytest.raises(autoshard.PipelineError, match="no batch statistics"):
         forced.plan(*args)
+
+
+def test_gpt_loss_head_runs_per_microbatch():
+    """The GPT's cross-entropy head (label gathers, per-token reductions, a mean over
+    batch and tokens) keeps rows apart: 1F1B can run it one microbatch at a time.
+    Batch statistics in the head (above) cannot."""
+    s = gpt_scan.setup(gpt_scan.tiny(), 8)
+    args = (s.state, s.batch)
+    full = build_graph(trace(s.train_step, args))
+    micro = build_graph(trace(s.train_step, micro_args(args, 4)))
+    fwd, bwd = stack_loops(full, micro)
+    head = analyse(full, micro, fwd, bwd)
+    assert not isinstance(head, str), head
+    names = {full.nodes[i].name for i in head.nodes}
+    assert {"scatter-add", "reduce_max"} <= names
+    # the head's batch input (the token ids) is sliced per microbatch on dim 0
+    assert 0 in head.input_dims
