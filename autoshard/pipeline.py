@@ -6,6 +6,7 @@ L/p layers (the stacked weights, their optimizer state and the residuals are
 split on their layer dimension), microbatches stream through the stages, and
 stage boundaries move to the next stage with `ppermute`. GPipe order: every
 microbatch's forward, then (in the backward scan) every microbatch's backward.
+The 1F1B schedule fuses both loops and the loss head into one (`pipeline_1f1b`).
 The remaining mesh axes keep the intra-operator plan the ILP finds for them.
 """
 

@@ -35,7 +35,7 @@ def run(name, s, mesh, stages, ms) -> None:
     for _ in range(2):
         b, _ = ref(b, s.batch)
     print(f"\n{name}, mesh {mesh}, {stages} stages")
-    print("| m | schedule | compiled temp KiB | predicted residuals+acts KiB | max |diff| vs jit |")
+    print("| m | schedule | compiled temp KiB | predicted activations KiB | max |diff| vs jit |")
     print("|---|---|---|---|---|")
     for m in ms:
         temps = {}
