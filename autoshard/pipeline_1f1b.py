@@ -136,129 +136,156 @@ def _targets(graph, micro, head):
     return [(t, v, micro.values[v].shape) for t, v in zip(head.targets, body_in, strict=True)]
 
 
-def _program(graph: OpGraph, micro: OpGraph, head: Head, axis: str, p: int, m: int):
-    """The per-device program: (fwd consts, fwd carries, fwd scanned, bwd outer
-    operands, head inputs) -> (fwd final carries, bwd final carries, bwd stacked)."""
-    f, b = head.fwd, head.bwd
-    fpar, bpar = f.micro, b.micro
-    fnc, fnk = fpar["num_consts"], fpar["num_carry"]
-    bnc, bnk = bpar["num_consts"], bpar["num_carry"]
-    fbody, bbody = _body_fn(fpar, fnc, fnk), _body_fn(bpar, bnc, bnk)
-    fdims, bdims = f.in_dims, b.in_dims
-    fouts = [v.aval for v in fpar["jaxpr"].jaxpr.outvars]
-    bouts = [v.aval for v in bpar["jaxpr"].jaxpr.outvars]
-    bcarry = bouts[:bnk]
-    lp = f.length // p
-    kr, ka, kc = buffers(p, m)
+def _tables(p: int, m: int) -> jax.Array:
+    """[ticks, p, 4]: per tick and stage the operation, its microbatch, and the
+    microbatch arriving from the previous stage (forward) and from the next stage
+    (cotangent), -1 for none."""
     ops, mbs = schedule(p, m)
     recv_f = np.full_like(mbs, -1)
     recv_b = np.full_like(mbs, -1)
     recv_f[:, 1:] = np.where(ops[:, :-1] == FWD, mbs[:, :-1], -1)
     recv_b[:, :-1] = np.where(ops[:, 1:] == BWD, mbs[:, 1:], -1)
-    table = jnp.asarray(np.stack([ops, mbs, recv_f, recv_b], -1))
-    fwd_perm = [(s, s + 1) for s in range(p - 1)]
-    bwd_perm = [(s, s - 1) for s in range(1, p)]
-    carry_of = {v: k for k, v in enumerate(_fcarry(graph, f))}
+    return jnp.asarray(np.stack([ops, mbs, recv_f, recv_b], -1))
 
-    def zeros(shape, dtype, n, dim=0):
-        return jnp.zeros((*shape[:dim], n, *shape[dim:]), dtype)
 
-    def program(fc, fk, fx, bo, hx):
-        s = jax.lax.axis_index(axis)
-        last = s == p - 1
+def _zeros(shape, dtype, n, dim=0):
+    """Zeros of shape with a dimension of n slots inserted at dim."""
+    return jnp.zeros((*shape[:dim], n, *shape[dim:]), dtype)
 
-        def forward(cin, i):
-            """One microbatch through this stage's layers (and the head on the last)."""
-            cs = [_take(c, d, i) for c, d in zip(fc, fdims[:fnc], strict=True)]
-            xl = [_take(x, d, i) for x, d in zip(fx, fdims[fnc + fnk :], strict=True)]
-            cout, yl = jax.lax.scan(lambda c, x: fbody(cs, c, x), cin, xl)
 
-            def run_head():
-                env = {v: cout[carry_of[v]] for v in head.carries}
-                ins = zip(head.inputs, hx, head.input_dims, strict=True)
-                env.update({v: _take(x, d, i) for v, x, d in ins})
-                return _eval_head(graph, micro, head, env)
+def _none(shapes):
+    return lambda *_: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
-            cts = jax.lax.cond(
-                last, run_head, lambda: [jnp.zeros(a.shape, a.dtype) for a in bcarry]
-            )
-            return list(cout), list(yl), cts
 
-        def backward(operands, i):
-            """One microbatch's cotangents back through this stage's layers."""
-            it = iter(operands)
-            full = []
-            for pos, (kind, _) in enumerate(head.sources):
-                x = next(it)
-                full.append(_take(x, bdims[pos], i) if kind == OUTER else x)
-            cs, cin, xl = full[:bnc], full[bnc : bnc + bnk], full[bnc + bnk :]
-            cout, yl = jax.lax.scan(lambda c, x: bbody(cs, c, x), cin, xl, reverse=True)
-            return list(cout), list(yl)
+class _Program:
+    """The per-device program: (fwd consts, fwd carries, fwd scanned, bwd outer
+    operands, head inputs) -> (fwd final carries, bwd final carries, bwd stacked).
+    Loop state: (incoming activations, incoming cotangents, residuals, fwd final
+    carries, bwd final carries, bwd stacked results)."""
 
-        def none(shapes):
-            return lambda *_: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    def __init__(self, graph: OpGraph, micro: OpGraph, head: Head, axis: str, p: int, m: int):
+        self.graph, self.micro, self.head, self.axis, self.p, self.m = (
+            graph,
+            micro,
+            head,
+            axis,
+            p,
+            m,
+        )
+        f, b = head.fwd, head.bwd
+        self.fnc, self.fnk = f.micro["num_consts"], f.micro["num_carry"]
+        self.bnc, self.bnk = b.micro["num_consts"], b.micro["num_carry"]
+        self.fbody = _body_fn(f.micro, self.fnc, self.fnk)
+        self.bbody = _body_fn(b.micro, self.bnc, self.bnk)
+        self.fouts = [v.aval for v in f.micro["jaxpr"].jaxpr.outvars]
+        self.bouts = [v.aval for v in b.micro["jaxpr"].jaxpr.outvars]
+        self.kr, self.ka, self.kc = buffers(p, m)
+        self.table = _tables(p, m)
+        self.carry_of = {v: k for k, v in enumerate(_fcarry(graph, f))}
 
-        def tick(st, row):
-            inbox_f, inbox_b, res, fo, bo_, bys = st
-            op, i, rf, rb = row[s, 0], row[s, 1], row[s, 2], row[s, 3]
-            isf, isb = op == FWD, op == BWD
-            first = [_take(c, d, i) for c, d in zip(fk, fdims[fnc : fnc + fnk], strict=True)]
-            cin = [jnp.where(s == 0, a, x[i % ka]) for a, x in zip(first, inbox_f, strict=True)]
-            fshape = jax.eval_shape(forward, cin, i)
-            cout_f, yl_f, cts = jax.lax.cond(isf, forward, none(fshape), cin, i)
-            res = [_put(r, 0, i % kr, y, isf) for r, y in zip(res, yl_f, strict=True)]
-            fo = [
-                _put(o, d, i, c, isf & last)
-                for o, c, d in zip(fo, cout_f, f.out_dims[:fnk], strict=True)
-            ]
-            inbox_b = [_put(x, 0, i % kc, c, isf & last) for x, c in zip(inbox_b, cts, strict=True)]
-            ops_b, it_o = [], iter(bo)
-            for kind, ref in head.sources:
-                if kind == CARRY:
-                    ops_b.append(inbox_b[ref][i % kc])
-                elif kind == RESID:
-                    ops_b.append(res[ref][i % kr])
-                else:
-                    ops_b.append(next(it_o))
-            bshape = jax.eval_shape(backward, ops_b, i)
-            cout_b, yl_b = jax.lax.cond(isb, backward, none(bshape), ops_b, i)
-            kinds, ydims = b.out_kinds[bnk:], b.out_dims[bnk:]
-            bys = [
-                _collect(a, y, d, k, i, isb)
-                for a, y, d, k in zip(bys, yl_b, ydims, kinds, strict=True)
-            ]
-            bo_ = [
-                _put(o, d, i, c, isb & (s == 0))
-                for o, c, d in zip(bo_, cout_b, b.out_dims[:bnk], strict=True)
-            ]
-            got_f = [jax.lax.ppermute(x, axis, fwd_perm) for x in cout_f]
-            got_b = [jax.lax.ppermute(x, axis, bwd_perm) for x in cout_b]
-            jf, jb = jnp.maximum(rf, 0), jnp.maximum(rb, 0)
-            inbox_f = [_put(x, 0, jf % ka, g, rf >= 0) for x, g in zip(inbox_f, got_f, strict=True)]
-            inbox_b = [_put(x, 0, jb % kc, g, rb >= 0) for x, g in zip(inbox_b, got_b, strict=True)]
-            return (inbox_f, inbox_b, res, fo, bo_, bys), None
+    def forward(self, a, cin, i):
+        """One microbatch through this stage's layers (and the head on the last)."""
+        f, nc, nk = self.head.fwd, self.fnc, self.fnk
+        cs = [_take(c, d, i) for c, d in zip(a["fc"], f.in_dims[:nc], strict=True)]
+        xl = [_take(x, d, i) for x, d in zip(a["fx"], f.in_dims[nc + nk :], strict=True)]
+        cout, yl = jax.lax.scan(lambda c, x: self.fbody(cs, c, x), cin, xl)
 
-        init = (
-            [zeros(a.shape, a.dtype, ka) for a in fouts[:fnk]],
-            [zeros(a.shape, a.dtype, kc) for a in bcarry],
-            [zeros((lp, *a.shape), a.dtype, kr) for a in fouts[fnk:]],
+        def run_head():
+            h = self.head
+            env = {v: cout[self.carry_of[v]] for v in h.carries}
+            ins = zip(h.inputs, a["hx"], h.input_dims, strict=True)
+            env.update({v: _take(x, d, i) for v, x, d in ins})
+            return _eval_head(self.graph, self.micro, h, env)
+
+        bcarry = self.bouts[: self.bnk]
+        none = [jnp.zeros(x.shape, x.dtype) for x in bcarry]
+        cts = jax.lax.cond(a["s"] == self.p - 1, run_head, lambda: none)
+        return list(cout), list(yl), cts
+
+    def backward(self, operands, i):
+        """One microbatch's cotangents back through this stage's layers."""
+        b, nc, nk = self.head.bwd, self.bnc, self.bnk
+        full = [
+            _take(x, b.in_dims[pos], i) if kind == OUTER else x
+            for pos, ((kind, _), x) in enumerate(zip(self.head.sources, operands, strict=True))
+        ]
+        cs, cin, xl = full[:nc], full[nc : nc + nk], full[nc + nk :]
+        cout, yl = jax.lax.scan(lambda c, x: self.bbody(cs, c, x), cin, xl, reverse=True)
+        return list(cout), list(yl)
+
+    def _bwd_operands(self, a, inbox_b, res, i):
+        it = iter(a["bo"])
+        return [
+            inbox_b[ref][i % self.kc]
+            if kind == CARRY
+            else res[ref][i % self.kr]
+            if kind == RESID
+            else next(it)
+            for kind, ref in self.head.sources
+        ]
+
+    def tick(self, a, st, row):
+        """One tick on this stage: a forward, a backward or nothing, then the hand-offs."""
+        inbox_f, inbox_b, res, fo, bk, bys = st
+        s, f, b, p = a["s"], self.head.fwd, self.head.bwd, self.p
+        op, i, rf, rb = row[s, 0], row[s, 1], row[s, 2], row[s, 3]
+        isf, isb, last = op == FWD, op == BWD, s == p - 1
+        kdims = f.in_dims[self.fnc : self.fnc + self.fnk]
+        first = [_take(c, d, i) for c, d in zip(a["fk"], kdims, strict=True)]
+        cin = [jnp.where(s == 0, x, q[i % self.ka]) for x, q in zip(first, inbox_f, strict=True)]
+        fshape = jax.eval_shape(self.forward, a, cin, i)
+        cout_f, yl_f, cts = jax.lax.cond(isf, self.forward, _none(fshape), a, cin, i)
+        res = [_put(r, 0, i % self.kr, y, isf) for r, y in zip(res, yl_f, strict=True)]
+        fo = [_put(o, d, i, c, isf & last) for o, c, d in zip(fo, cout_f, f.out_dims, strict=False)]
+        inbox_b = [
+            _put(q, 0, i % self.kc, c, isf & last) for q, c in zip(inbox_b, cts, strict=True)
+        ]
+        ops_b = self._bwd_operands(a, inbox_b, res, i)
+        cout_b, yl_b = jax.lax.cond(
+            isb, self.backward, _none(jax.eval_shape(self.backward, ops_b, i)), ops_b, i
+        )
+        ys = zip(bys, yl_b, b.out_dims[self.bnk :], b.out_kinds[self.bnk :], strict=True)
+        bys = [_collect(acc, y, d, k, i, isb) for acc, y, d, k in ys]
+        bk = [
+            _put(o, d, i, c, isb & (s == 0))
+            for o, c, d in zip(bk, cout_b, b.out_dims, strict=False)
+        ]
+        inbox_f = self._receive(inbox_f, cout_f, rf, self.ka, [(j, j + 1) for j in range(p - 1)])
+        inbox_b = self._receive(inbox_b, cout_b, rb, self.kc, [(j + 1, j) for j in range(p - 1)])
+        return (inbox_f, inbox_b, res, fo, bk, bys), None
+
+    def _receive(self, inbox, sent, mb, k, perm):
+        """Pass `sent` along perm; store what arrives (microbatch mb, -1: none)."""
+        got = [jax.lax.ppermute(x, self.axis, perm) for x in sent]
+        slot = jnp.maximum(mb, 0) % k
+        return [_put(q, 0, slot, g, mb >= 0) for q, g in zip(inbox, got, strict=True)]
+
+    def init(self):
+        f, b, m, lp = self.head.fwd, self.head.bwd, self.m, self.head.fwd.length // self.p
+        fk, bk = self.fouts[: self.fnk], self.bouts[: self.bnk]
+        ys = zip(
+            self.bouts[self.bnk :], b.out_dims[self.bnk :], b.out_kinds[self.bnk :], strict=True
+        )
+        return (
+            [_zeros(x.shape, x.dtype, self.ka) for x in fk],
+            [_zeros(x.shape, x.dtype, self.kc) for x in bk],
+            [_zeros((lp, *x.shape), x.dtype, self.kr) for x in self.fouts[self.fnk :]],
+            [_zeros(x.shape, x.dtype, m, d) for x, d in zip(fk, f.out_dims, strict=False)],
+            [_zeros(x.shape, x.dtype, m, d) for x, d in zip(bk, b.out_dims, strict=False)],
             [
-                zeros(a.shape, a.dtype, m, d)
-                for a, d in zip(fouts[:fnk], f.out_dims[:fnk], strict=True)
-            ],
-            [zeros(a.shape, a.dtype, m, d) for a, d in zip(bcarry, b.out_dims[:bnk], strict=True)],
-            [
-                zeros((lp, *a.shape), a.dtype, m, d)
+                _zeros((lp, *x.shape), x.dtype, m, d)
                 if k == "batch"
-                else jnp.zeros((lp, *a.shape), a.dtype)
-                for a, d, k in zip(bouts[bnk:], b.out_dims[bnk:], b.out_kinds[bnk:], strict=True)
+                else jnp.zeros((lp, *x.shape), x.dtype)
+                for x, d, k in ys
             ],
         )
-        st, _ = jax.lax.scan(tick, init, table)
-        _, _, _, fo, bo_, bys = st
-        return [jax.lax.psum(o, axis) for o in fo], [jax.lax.psum(o, axis) for o in bo_], bys
 
-    return program
+    def __call__(self, fc, fk, fx, bo, hx):
+        a = {"s": jax.lax.axis_index(self.axis), "fc": fc, "fk": fk, "fx": fx, "bo": bo, "hx": hx}
+        st, _ = jax.lax.scan(lambda st, row: self.tick(a, st, row), self.init(), self.table)
+        _, _, _, fo, bo_, bys = st
+        psum = [jax.lax.psum(o, self.axis) for o in fo], [jax.lax.psum(o, self.axis) for o in bo_]
+        return *psum, bys
 
 
 def _fcarry(graph: OpGraph, f) -> list[int]:
@@ -275,7 +302,7 @@ class Fused:
     def __init__(self, graph: OpGraph, micro: OpGraph, head: Head, mesh, axis: str, m: int):
         self.graph, self.micro, self.head = graph, micro, head
         self.mesh, self.axis, self.m = mesh, axis, m
-        self.program = _program(graph, micro, head, axis, mesh.shape[axis], m)
+        self.program = _Program(graph, micro, head, axis, mesh.shape[axis], m)
         self.pending: list = []
 
     def runners(self) -> dict:
