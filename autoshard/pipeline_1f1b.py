@@ -121,7 +121,11 @@ def _eval_head(graph: OpGraph, micro: OpGraph, head: Head, env: dict) -> list:
     for nid in head.nodes:
         full, mn = graph.nodes[nid], micro.nodes[nid]
         ins = [r.value if isinstance(r, Lit) else env[r] for r in full.inputs]
-        for v, x in zip(mn.outputs, jax_core.bind(mn.primitive, ins, mn.params), strict=True):
+        # a user's layout pin is planned for the whole batch; a microbatch runs without
+        outs = (
+            ins if mn.name == "sharding_constraint" else jax_core.bind(mn.primitive, ins, mn.params)
+        )
+        for v, x in zip(mn.outputs, outs, strict=True):
             env[v] = x
     return [
         jnp.full(micro_shape, t.value, graph.values[v].dtype) if isinstance(t, Lit) else env[t]

@@ -285,7 +285,9 @@ def analyse(graph: OpGraph, micro: OpGraph, fwd: StackLoop, bwd: StackLoop) -> H
                 nodes.add(n.id)
                 todo.extend(r for r in n.inputs if not isinstance(r, Lit))
     for nid in sorted(nodes):
-        if graph.nodes[nid].name != micro.nodes[nid].name:
+        a, b = graph.nodes[nid], micro.nodes[nid]
+        lits = [isinstance(r, Lit) for r in a.inputs], [isinstance(r, Lit) for r in b.inputs]
+        if a.name != b.name or lits[0] != lits[1]:
             return "the step traces differently at the microbatch size"
         why = _row_local(graph, micro, nid)
         if why:
