@@ -6,15 +6,16 @@ L/p layers (the stacked weights, their optimizer state and the residuals are
 split on their layer dimension), microbatches stream through the stages, and
 stage boundaries move to the next stage with `ppermute`. GPipe order: every
 microbatch's forward, then (in the backward scan) every microbatch's backward.
+The 1F1B schedule fuses both loops and the loss head into one (`pipeline_1f1b`).
 The remaining mesh axes keep the intra-operator plan the ILP finds for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-import warnings
 from dataclasses import dataclass
 
 import jax
@@ -41,8 +42,9 @@ class Pipeline:
       stages: p, pipeline stages; the mesh needs an axis of this size (or `axis`).
       microbatches: m; the batch (leading dimension of the step's last argument)
         must divide by it.
-      schedule: "gpipe" (all forward microbatches, then all backward). "1f1b" is
-        priced by the cost model but runs as GPipe, with a warning.
+      schedule: "gpipe" (all forward microbatches, then all backward) or "1f1b"
+        (each stage alternates forwards and backwards: at most p microbatches'
+        residuals live; needs a loss head that treats batch rows independently).
       axis: name of the mesh axis for the stages (default: the first of size p).
 
     Example:
@@ -496,20 +498,21 @@ def build(ctx: Context, mesh, axis: str, m: int, schedule: str, loops, mp, t0: f
         layout=layout,
         pipeline=choice,
     )
-    runners = {s.loop: loop_runner(s, mesh, axis, m) for s in loops}
-    return plan, interpreter(g, layout, mesh, runners)
+    return plan, interpreter(g, layout, mesh, _runners(ctx, loops, mesh, axis, m, schedule))
+
+
+def _runners(ctx: Context, loops, mesh, axis: str, m: int, schedule: str) -> dict:
+    from autoshard import pipeline_1f1b
+
+    if schedule == cm.ONE_F_ONE_B:
+        return pipeline_1f1b.runners(ctx, loops, mesh, axis, m)
+    return {s.loop: loop_runner(s, mesh, axis, m) for s in loops}
 
 
 def forced(ctx: Context, pipe: Pipeline, meshes):
     """(Plan, run) for a forced Pipeline: on the candidate mesh axis of its size with
     the least bandwidth (the first such on uniform hardware)."""
     t0 = time.perf_counter()
-    if pipe.schedule == cm.ONE_F_ONE_B:
-        warnings.warn(
-            "autoshard: the 1f1b schedule is not implemented for execution; running GPipe "
-            "(same bubble, more activation memory). See docs/pipeline.md.",
-            stacklevel=3,
-        )
     found = [(mesh, _pipe_axis(mesh, pipe.stages, pipe.axis)) for mesh in meshes]
     found = [(mesh, a) for mesh, a in found if a is not None]
     if not found:
@@ -534,8 +537,12 @@ def forced(ctx: Context, pipe: Pipeline, meshes):
     problem = _check_layers(loops, pipe.stages)
     if problem:
         raise PipelineError(f"autoshard: Pipeline(stages={pipe.stages}): {problem}.")
+    if pipe.schedule == cm.ONE_F_ONE_B:
+        from autoshard.pipeline_1f1b import check
+
+        check(ctx, loops, pipe.microbatches)
     mp = _sub_plan(ctx, mesh, axis)
-    return build(ctx, mesh, axis, pipe.microbatches, cm.GPIPE, loops, mp, t0)
+    return build(ctx, mesh, axis, pipe.microbatches, pipe.schedule, loops, mp, t0)
 
 
 def hierarchical(hw: Hardware) -> bool:
@@ -549,8 +556,8 @@ def auto(ctx: Context, meshes, best: float):
     """(Plan, run) of the cheapest pipelined plan over every mesh axis of size >= 2
     of every candidate mesh with two or more axes, if it beats `best` seconds; else
     None. Only on hierarchical hardware (see `hierarchical`), and only plans whose
-    per-stage memory fits ctx.budget. Batches and layer counts a pipeline cannot
-    split are never chosen."""
+    per-stage memory fits ctx.budget (1F1B where only it fits). Batches and layer
+    counts a pipeline cannot split are never chosen."""
     t0 = time.perf_counter()
     if not any(hierarchical(_hw(ctx, mesh)) for mesh in meshes):
         return None
@@ -562,7 +569,10 @@ def auto(ctx: Context, meshes, best: float):
     loops = find_loops(ctx, m0) if m0 else ()
     if not loops:
         return None
-    choice = None
+    from autoshard.pipeline_1f1b import runs
+
+    choice, one_f_one_b = None, functools.cache(lambda: runs(ctx, loops, m0))
+
     for mesh in meshes:
         for axis in mesh.axis_names if len(mesh.axis_names) > 1 else ():
             p = mesh.shape[axis]
@@ -573,15 +583,20 @@ def auto(ctx: Context, meshes, best: float):
             g = ctx.graph
             stacked = stacked_values(g, loops)
             for m in ms:
-                c = predict(mp, g, loops, stacked, _hw(ctx, mesh), mesh, axis, m, cm.GPIPE)
-                fits = ctx.budget is None or c.stage_memory["total"] <= ctx.budget
-                if fits and c.time < best and (choice is None or c.time < choice[0].time):
-                    choice = (c, mesh, axis, m, mp)
+                for sched in (cm.GPIPE, cm.ONE_F_ONE_B):
+                    if sched == cm.ONE_F_ONE_B and not one_f_one_b():
+                        break
+                    c = predict(mp, g, loops, stacked, _hw(ctx, mesh), mesh, axis, m, sched)
+                    fits = ctx.budget is None or c.stage_memory["total"] <= ctx.budget
+                    if fits and c.time < best and (choice is None or c.time < choice[0].time):
+                        choice = (c, mesh, axis, m, mp)
+                    if fits:
+                        break  # 1F1B only where GPipe's residuals do not fit
     if choice is None:
         return None
-    _, mesh, axis, m, mp = choice
+    c, mesh, axis, m, mp = choice
     # each stage runs the loop body traced at this microbatch size
-    return build(ctx, mesh, axis, m, cm.GPIPE, find_loops(ctx, m), mp, t0)
+    return build(ctx, mesh, axis, m, c.schedule, find_loops(ctx, m), mp, t0)
 
 
 def runner(ctx: Context, plan):
@@ -590,5 +605,5 @@ def runner(ctx: Context, plan):
     process (autoshard.distributed) runs the same way."""
     p = plan.pipeline
     loops = find_loops(ctx, p.microbatches)
-    runners = {s.loop: loop_runner(s, plan.mesh, p.axis, p.microbatches) for s in loops}
+    runners = _runners(ctx, loops, plan.mesh, p.axis, p.microbatches, p.schedule)
     return interpreter(ctx.graph, plan.layout, plan.mesh, runners)

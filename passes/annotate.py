@@ -49,7 +49,9 @@ def interpreter(graph: OpGraph, layout: Layout, mesh: jax.sharding.Mesh, runners
     """A function of the flat inputs that evaluates graph under the layout. A scan
     planned through its body runs as `jax.lax.scan` over the same body operations,
     with the body's values constrained to their planned layouts; a loop id in
-    `runners` runs as runners[id](operands) -> results instead (pipeline stages)."""
+    `runners` runs as runners[id](operands) -> results instead (pipeline stages), or
+    runners[id](operands, env) if the runner has a true `reads_env` attribute (it
+    reads values computed before the loop)."""
     runners = runners or {}
     names = mesh.axis_names
     specs = layout.value_specs
@@ -89,7 +91,9 @@ def interpreter(graph: OpGraph, layout: Layout, mesh: jax.sharding.Mesh, runners
                 as_array(x, values[v], values[v].shape) if i < nc + nk else x
                 for i, (x, v) in enumerate(zip(outer, body_in, strict=True))
             ]
-            for n, x in zip(exits, runners[loop.id](outer), strict=True):
+            run = runners[loop.id]
+            res = run(outer, env) if getattr(run, "reads_env", False) else run(outer)
+            for n, x in zip(exits, res, strict=True):
                 env[n.outputs[0]] = constrain(x, specs[n.outputs[0]])
             return
         carry_in = body_in[nc : nc + nk]

@@ -11,9 +11,11 @@ import autoshard
 from autoshard.models import gpt_scan
 from autoshard.models import residual_stack as rs
 from autoshard.passes.graph import build_graph
+from autoshard.passes.head import analyse
 from autoshard.passes.stages import BATCH, SUM, stack_loops
 from autoshard.passes.trace import trace
 from autoshard.pipeline import micro_args
+from autoshard.pipeline_1f1b import BWD, FWD, buffers, schedule
 
 
 def _setup(d=32, batch=16, layers=8):
@@ -117,13 +119,99 @@ def test_no_axis_of_the_stage_count_is_named():
         step.plan(s.state, s.batch)
 
 
-def test_1f1b_warns_and_plans_gpipe():
+def test_forced_1f1b_equals_jit_with_fewer_live_residuals():
+    s = _setup()
+    steps = {
+        sched: autoshard.parallelize(
+            s.train_step,
+            mesh=(4, 2),
+            hardware=CPU,
+            pipeline=autoshard.Pipeline(stages=4, microbatches=8, schedule=sched),
+        )
+        for sched in ("gpipe", "1f1b")
+    }
+    step, ref = steps["1f1b"], jax.jit(s.train_step)
+    a = b = s.state
+    for _ in range(2):
+        a, ma = step(a, s.batch)
+        b, mb = ref(b, s.batch)
+    assert _max_err(a, b) <= 1e-5
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+    pl = step.plan(s.state, s.batch).pipeline
+    assert (pl.stages, pl.microbatches, pl.schedule) == (4, 8, "1f1b")
+    compiled = {k: f.lower(s.state, s.batch).compile() for k, f in steps.items()}
+    hlo = compiled["1f1b"].as_text()
+    # one loop: forward and backward hand-offs, each stage choosing its work per tick
+    assert autoshard.collectives(compiled["1f1b"])["collective-permute"][0] >= 2
+    assert "conditional" in hlo
+    assert_prediction_matches(step, s.state, s.batch)
+    # at most p = 4 of the 8 microbatches' residuals live per stage: less temp memory
+    temp = {k: c.memory_analysis().temp_size_in_bytes for k, c in compiled.items()}
+    assert temp["1f1b"] < temp["gpipe"], temp
+    acts = {
+        k: f.plan(s.state, s.batch).pipeline.stage_memory["activations_peak"]
+        for k, f in steps.items()
+    }
+    assert acts["1f1b"] < acts["gpipe"], acts
+
+
+def test_1f1b_schedule_runs_every_microbatch_once_in_order():
+    for p, m in [(2, 2), (4, 8), (4, 2), (3, 5)]:
+        ops, mbs = schedule(p, m)
+        at = {}
+        for t in range(len(ops)):
+            for st in range(p):
+                if ops[t, st]:
+                    assert (ops[t, st], mbs[t, st], st) not in at
+                    at[ops[t, st], mbs[t, st], st] = t
+        assert len(at) == 2 * m * p
+        for i in range(m):
+            for st in range(p):
+                if st:
+                    assert at[FWD, i, st] > at[FWD, i, st - 1]
+                if st < p - 1:
+                    assert at[BWD, i, st] > at[BWD, i, st + 1]
+                assert at[BWD, i, st] > at[FWD, i, st]
+        # a stage never holds more than p microbatches' residuals (GPipe: all m)
+        assert buffers(p, m)[0] <= min(p, m)
+
+
+def test_1f1b_refuses_a_loss_that_mixes_the_batch():
+    """A loss over batch statistics: each microbatch's gradient would need every
+    row, so the head cannot run per microbatch."""
     s = _setup(layers=4)
+
+    def step(params, batch):
+        def loss(p):
+            h = rs.forward(p, batch["x"])
+            return jnp.mean((h - h.mean(0)) ** 2)
+
+        g = jax.grad(loss)(params)
+        return jax.tree.map(lambda w, d: w - 0.1 * d, params, g)
+
     pipe = autoshard.Pipeline(stages=2, microbatches=4, schedule="1f1b")
-    step = autoshard.parallelize(s.train_step, mesh=(2, 4), hardware=CPU, pipeline=pipe)
-    with pytest.warns(UserWarning, match="1f1b"):
-        plan = step.plan(s.state, s.batch)
+    forced = autoshard.parallelize(step, mesh=(2, 4), hardware=CPU, pipeline=pipe)
+    with pytest.raises(autoshard.PipelineError, match="mixes the examples of a batch"):
+        forced.plan(s.state[0], s.batch)
+    gpipe = autoshard.Pipeline(stages=2, microbatches=4)
+    ok = autoshard.parallelize(step, mesh=(2, 4), hardware=CPU, pipeline=gpipe)
+    assert ok.plan(s.state[0], s.batch).pipeline.schedule == "gpipe"
+
+
+def test_auto_chooses_1f1b_when_memory_binds():
+    s = rs.setup(rs.StackConfig(256, 256, 8), 64)
+    slow = CPU.with_(flops=2e11, bandwidth=(1e9, 100e9), latency=1e-5)
+    free = autoshard.parallelize(s.train_step, mesh=(4, 2), hardware=slow)
+    plan = free.plan(s.state, s.batch)
     assert plan.pipeline.schedule == "gpipe"
+    gp = plan.pipeline.stage_memory["total"]
+    # a budget GPipe's residuals exceed but 1F1B's (at most p microbatches) fit
+    tight = autoshard.parallelize(
+        s.train_step, mesh=(4, 2), hardware=slow, memory_budget=gp * 0.99
+    )
+    pl = tight.plan(s.state, s.batch).pipeline
+    assert pl is not None and pl.schedule == "1f1b", tight.plan(s.state, s.batch).summary()
+    assert pl.stage_memory["total"] <= gp * 0.99
 
 
 def test_gpt_under_nnx_scan_pipelines():
@@ -160,3 +248,20 @@ def test_layers_that_mix_the_batch_are_not_pipelined():
     forced = autoshard.parallelize(step, mesh=(4, 2), hardware=CPU, pipeline=pipe)
     with pytest.raises(autoshard.PipelineError, match="no batch statistics"):
         forced.plan(*args)
+
+
+def test_gpt_loss_head_runs_per_microbatch():
+    """The GPT's cross-entropy head (label gathers, per-token reductions, a mean over
+    batch and tokens) keeps rows apart: 1F1B can run it one microbatch at a time.
+    Batch statistics in the head (above) cannot."""
+    s = gpt_scan.setup(gpt_scan.tiny(), 8)
+    args = (s.state, s.batch)
+    full = build_graph(trace(s.train_step, args))
+    micro = build_graph(trace(s.train_step, micro_args(args, 4)))
+    fwd, bwd = stack_loops(full, micro)
+    head = analyse(full, micro, fwd, bwd)
+    assert not isinstance(head, str), head
+    names = {full.nodes[i].name for i in head.nodes}
+    assert {"scatter-add", "reduce_max"} <= names
+    # the head's batch input (the token ids) is sliced per microbatch on dim 0
+    assert 0 in head.input_dims
