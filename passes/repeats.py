@@ -7,7 +7,7 @@ the ILP grows with the number of *different* operations, not with depth.
 
 Copies are found by colour refinement (Weisfeiler-Leman) over the operation graph.
 Each value starts with a colour from what it is (an input: its path with every
-number replaced by ``#``, its shape and dtype; a result: the operation's primitive,
+layer index replaced by ``#``, its shape and dtype; a result: the operation's primitive,
 shapes and parameters), and each round mixes in the colours of its neighbours, in
 both directions. After `REFINE_ROUNDS` rounds two operations share a colour when
 everything within that many hops looks the same: the copies of a layer in the middle
@@ -35,7 +35,10 @@ from autoshard.passes.graph import Lit, OpGraph
 # more of the operations next to the first and last layer; fewer risk pairing
 # operations that only look alike nearby.
 REFINE_ROUNDS = 6
-_DIGITS = re.compile(r"\d+")
+# A layer index is a whole path component ([3], ['3'], .3) or a name's numeric suffix
+# after an underscore (Linen's Block_3, layers_3); digits inside a name (conv1, w2)
+# name a role, and two roles are not copies of one layer.
+_LAYER_INDEX = re.compile(r"(?<=[\[_.'\"])\d+(?=[\]'\"._]|$)")
 
 
 def _param_sig(params: dict) -> tuple:
@@ -61,7 +64,7 @@ def unit_colours(graph: OpGraph, rounds: int = REFINE_ROUNDS) -> list[int]:
     val = [0] * len(graph.values)
     for v in graph.inputs:
         info = graph.values[v]
-        val[v] = hash(("in", _DIGITS.sub("#", info.name), info.shape, str(info.dtype)))
+        val[v] = hash(("in", _LAYER_INDEX.sub("#", info.name), info.shape, str(info.dtype)))
     for v, _ in graph.consts:
         val[v] = hash(("const", graph.values[v].shape, str(graph.values[v].dtype)))
     node = [_own_colour(graph, n) for n in graph.nodes]
