@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -13,6 +15,7 @@ from jax.sharding import NamedSharding
 from autoshard import boundary as _boundary
 from autoshard import distributed as _distributed
 from autoshard import pipeline as _pipeline
+from autoshard import remat as _remat
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
 from autoshard.mesh import (
@@ -31,6 +34,19 @@ from autoshard.plan import Cost, Entry, Plan, SolverStats
 # Fraction of device memory a default budget leaves free for what the memory model does
 # not see: XLA's own buffers, the compiled program, fragmentation.
 MEMORY_HEADROOM = 0.1
+
+
+@dataclass(frozen=True, eq=False)
+class _Variant:
+    """One form of the step to plan (as traced, or rematerialised) and its inputs."""
+
+    traced: Any
+    graph: Any
+    meshes: list
+    pinned: list
+    out_pins: dict
+    ctx: _pipeline.Context
+    remat: _remat.RematChoice | None = None
 
 
 class Parallelized:
@@ -52,6 +68,7 @@ class Parallelized:
         in_shardings=None,
         out_shardings=None,
         pipeline=_pipeline.AUTO,
+        remat=_remat.AUTO,
     ):
         functools.update_wrapper(self, fn)
         self.fn = fn
@@ -85,6 +102,8 @@ class Parallelized:
                 f"autoshard: pipeline={pipeline!r}: use 'auto', None, or autoshard.Pipeline(...)."
             )
         self.pipeline = pipeline
+        _remat.policies(remat)  # a bad option is an error here
+        self.remat = remat
         self._cache: dict = {}
         self.trace_count = 0
         self.solve_count = 0
@@ -101,11 +120,36 @@ class Parallelized:
         t0 = time.perf_counter()
         traced = trace(call.pure, call.dyn, call.names)
         self.trace_count += 1
+        base = self._variant(call, traced)
+
+        def solve() -> Plan:
+            self.solve_count += 1
+            return self._solve_remat(call, base, t0)[0]
+
+        if any(is_abstract(m) for m in base.meshes):
+            plan = solve()  # no devices, no other process to agree with
+            return plan, AbstractTarget(plan), None
+        if {d.process_index for d in self.devices} == {jax.process_index()}:
+            self.solve_count += 1
+            plan, chosen = self._solve_remat(call, base, t0)
+        else:  # under jax.distributed, process 0 plans and every process runs its plan
+            plan = _distributed.agree(self._no_remat(base, t0), base.graph, self.devices)
+            chosen = base
+        return (plan, *self._build(call, chosen, plan))
+
+    def _no_remat(self, base, t0):
+        def solve() -> Plan:
+            self.solve_count += 1
+            return self._solve(base, t0)[0]
+
+        return solve
+
+    def _variant(self, call, traced, remat=None) -> _Variant:
+        """What planning needs for one traced form of the step."""
         graph = build_graph(traced)
         pins = user_pins(call, traced, graph, self.in_shardings, self.out_shardings)
         meshes = candidate_meshes(self.mesh, self.devices, self.hardware)
         meshes, pinned = pins.usable(graph, meshes)
-        donated = _donated_leaves(traced, call.donated)
         budget = self.memory_budget
         if budget is None:
             budget = self.hardware.memory * (1 - MEMORY_HEADROOM)
@@ -117,24 +161,19 @@ class Parallelized:
             self.hardware,
             tuple(self.devices),
             self.time_limit,
-            donated,
+            _donated_leaves(traced, call.donated),
             budget,
         )
         out_pins = {v: p for v, _, p in pins.outputs if p is not None}
+        return _Variant(traced, graph, meshes, pinned, out_pins, ctx, remat)
 
-        def solve() -> Plan:
-            self.solve_count += 1
-            return self._solve(ctx, meshes, pinned, out_pins, t0)
-
-        if any(is_abstract(m) for m in meshes):
-            plan = solve()  # no devices, no other process to agree with
-            return plan, AbstractTarget(plan), None
-        # under jax.distributed, process 0 plans and every process runs its plan
-        plan = _distributed.agree(solve, graph, self.devices)
+    def _build(self, call, chosen: _Variant, plan: Plan):
+        """(jitted step, flat input shardings) running plan on chosen's graph."""
+        traced = chosen.traced
         if plan.pipeline is not None:
-            run = _pipeline.runner(ctx, plan)
+            run = _pipeline.runner(chosen.ctx, plan)
         else:
-            run = interpreter(graph, plan.layout, plan.mesh)
+            run = interpreter(chosen.graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)
             for s in jax.tree_util.tree_leaves(plan.in_specs, is_leaf=_is_p)
@@ -153,11 +192,58 @@ class Parallelized:
             out_shardings=out_sh,
             donate_argnums=call.donated,
         )
-        return plan, jitted, flat_in
+        return jitted, flat_in
 
-    def _solve(self, ctx, meshes, pinned, out_pins, t0) -> Plan:
-        """The plan on this process: forced pipeline, or the mesh search (then an
-        automatic pipeline if one is predicted faster)."""
+    def _solve_remat(self, call, base: _Variant, t0) -> tuple[Plan, _Variant]:
+        """The plan, and the form of the step it runs: as traced, or with its layer
+        stacks rematerialised when remat= allows it and (for "auto") the budget binds
+        on the plan without it. The cheapest plan within the budget wins."""
+        forced_pipe = isinstance(self.pipeline, _pipeline.Pipeline)
+        policies = () if forced_pipe else _remat.policies(self.remat)
+        forced = bool(policies) and self.remat != _remat.AUTO
+        best, err, binds = None, None, bool(policies)
+        if not forced:
+            try:
+                best, binds = self._solve(base, t0)
+            except _search.MemoryBudgetError as e:
+                err = e
+        if best is not None and not binds:
+            return best, base
+        without = best.cost.time if best is not None else None
+        chosen = base
+        for var in self._remat_variants(call, base, policies, without):
+            try:
+                plan, _ = self._solve(var, t0)
+            except _search.MemoryBudgetError as e:
+                err = err or e
+                continue
+            if best is None or forced or plan.cost.time < best.cost.time:
+                best, chosen = replace(plan, remat=var.remat), var
+            if forced:
+                break
+        if best is None and err is None:  # forced, but nothing to rematerialise
+            warnings.warn(
+                f"autoshard: remat={self.remat!r}: the step has no lax.scan/nnx.scan layer "
+                "stack whose saved residuals remat would shrink; planning it as traced.",
+                stacklevel=4,
+            )
+            return self._solve(base, t0)[0], base
+        if best is None:
+            raise err
+        return best, chosen
+
+    def _remat_variants(self, call, base: _Variant, policies, without):
+        """The step rematerialised under each policy that shrinks what it saves."""
+        for policy in policies:
+            v = _remat.variant(base.traced, policy)
+            if v is not None:
+                yield self._variant(call, v[0], replace(v[1], time_without=without))
+
+    def _solve(self, var: _Variant, t0) -> tuple[Plan, bool]:
+        """The plan on this process for one form of the step (forced pipeline, or the
+        mesh search, then an automatic pipeline if one is predicted faster), and
+        whether the memory budget bound the winning mesh's plan."""
+        ctx, meshes, pinned = var.ctx, var.meshes, var.pinned
         if isinstance(self.pipeline, _pipeline.Pipeline):
             if any(is_abstract(m) for m in meshes):
                 raise ValueError(
@@ -170,17 +256,20 @@ class Parallelized:
                     "out_shardings or with_sharding_constraint in the step): drop the pins, or "
                     "use pipeline='auto' to plan around them without stages."
                 )
-            return _pipeline.forced(ctx, self.pipeline, meshes)[0]
+            return _pipeline.forced(ctx, self.pipeline, meshes)[0], False
         graph = ctx.graph
         mp, tried = _search.search(
             graph, meshes, self.hardware, self.time_limit, ctx.budget, ctx.donated, pinned
         )
-        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
-        # a pipeline would ignore the user's pins, and an abstract mesh has no devices
-        if self.pipeline == _pipeline.AUTO and not any(pinned) and not is_abstract(plan.mesh):
+        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, var.out_pins)
+        binds = bool(mp.request.memory)
+        # a pipeline would ignore the user's pins, and an abstract mesh has no devices;
+        # a rematerialised step is not split into stages
+        pipe = self.pipeline == _pipeline.AUTO and var.remat is None
+        if pipe and not any(pinned) and not is_abstract(plan.mesh):
             piped = _pipeline.auto(ctx, meshes, plan.cost.time)
             plan = piped[0] if piped else plan
-        return plan
+        return plan, binds
 
     def plan(self, *args, **kwargs) -> Plan:
         """The plan for these arguments (arrays or ShapeDtypeStructs), without running."""
@@ -282,6 +371,7 @@ def parallelize(
     in_shardings=None,
     out_shardings=None,
     pipeline: Any = "auto",
+    remat: str | None = "auto",
 ) -> Any:
     """Run a single-device training step sharded over all visible devices.
 
@@ -312,6 +402,15 @@ def parallelize(
       pipeline: "auto" (the planner may split a `lax.scan` layer stack into stages
         over a mesh axis when that is predicted faster), None (never), or
         `autoshard.Pipeline(stages, microbatches)` to force it. See docs/pipeline.md.
+      remat: rematerialisation of `lax.scan`/`nnx.scan` layer stacks, as
+        `jax.checkpoint` on the layer would do it. "auto": when the memory budget
+        binds, the step is planned again with each stack's forward pass saving only
+        its matmul results ("dots_saveable") or only each layer's input
+        ("nothing_saveable"), the backward pass recomputing the rest; the cheapest
+        plan within the budget wins and `plan.remat` says which. None: never.
+        "layers" (= "nothing_saveable"), "nothing_saveable" or "dots_saveable": always
+        that policy. Not combined with a forced pipeline; under jax.distributed
+        with several processes the step is planned as traced. See docs/pods.md.
       static_argnums, static_argnames: arguments that are Python values, not arrays
         (flags, configs): part of the cache key and closed over, as for `jax.jit`
         (they must be hashable). Numbers and names are resolved against each other.
@@ -359,6 +458,7 @@ def parallelize(
             in_shardings=in_shardings,
             out_shardings=out_shardings,
             pipeline=pipeline,
+            remat=remat,
         )
     return Parallelized(
         fn,
@@ -374,4 +474,5 @@ def parallelize(
         in_shardings=in_shardings,
         out_shardings=out_shardings,
         pipeline=pipeline,
+        remat=remat,
     )

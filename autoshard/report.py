@@ -239,6 +239,10 @@ def cost_lines(plan: Plan) -> list[str]:
             f"microbatches ({pl.schedule}), {pl.layers // pl.stages} of {pl.layers} layers "
             f"per stage, bubble {pl.bubble:.0%}"
         )
+    if getattr(plan, "remat", None) is not None:
+        from autoshard.remat import text
+
+        lines.append(text(plan.remat))
     if len(s.candidates) > 1:
         cands = ", ".join(f"{k}: {v * 1e3:.3f} ms" for k, v in s.candidates.items())
         lines.append(f"meshes tried: {cands}")
