@@ -93,6 +93,18 @@ def _eval(jaxpr, consts, args, rewrite) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
+def _has_scan(jaxpr) -> bool:
+    """A scan at the top level or inside the call-like equations flatten inlines."""
+    for e in jaxpr.eqns:
+        if e.primitive.name == "scan":
+            return True
+        if e.primitive.name in _FLATTEN:
+            sub = e.params[jax_core.INLINE_BODY_PARAM[e.primitive.name]]
+            if _has_scan(jax_core.split_closed(sub)[0]):
+                return True
+    return False
+
+
 def find_pairs(closed) -> tuple[Pair, ...]:
     """The forward/backward layer-scan pairs of a flattened step jaxpr.
 
@@ -257,6 +269,8 @@ def rematerialize(closed, policy: str = NOTHING):
     """
     if policy not in POLICIES:
         raise ValueError(f"autoshard: remat policy {policy!r}: use one of {POLICIES}.")
+    if not _has_scan(closed.jaxpr):
+        return None
     flat = flatten(closed)
     pairs = find_pairs(flat)
     if not pairs:
