@@ -165,17 +165,29 @@ def _run_some(jaxpr, consts, args, keep, preset) -> dict:
     return env
 
 
-def _saved_vars(body, policy: str) -> list:
-    """The forward body's values the policy saves besides the carry in."""
+def _saved_vars(body, policy: str, dropped) -> list:
+    """The forward body's values the policy saves besides the carry in: under DOTS,
+    the matmul results that recomputing the dropped residuals would read."""
     if policy == NOTHING:
         return []
-    return [
-        v
-        for e in body.eqns
-        if e.primitive.name == "dot_general"
-        for v in e.outvars
-        if not jax_core.is_dropvar(v)
-    ]
+    dots = {v for e in body.eqns if e.primitive.name == "dot_general" for v in e.outvars}
+    want = {v for v in dropped if not jax_core.is_literal(v)}
+    reached = []
+    for i in range(len(body.eqns) - 1, -1, -1):
+        e = body.eqns[i]
+        if not any(v in want for v in e.outvars):
+            continue
+        if e.primitive.name == "dot_general":
+            reached += [v for v in e.outvars if v in want and v in dots]
+            continue
+        want |= {v for v in e.invars if not jax_core.is_literal(v)}
+    order = {v: k for k, v in enumerate(v for e in body.eqns for v in e.outvars)}
+    return sorted(set(reached), key=order.__getitem__)
+
+
+def _dropped_vars(body, eqn, pair: Pair) -> list:
+    nk = eqn.params["num_carry"]
+    return [body.outvars[nk + j] for j in pair.dropped]
 
 
 def _scan(e, consts, carry, xs, f):
@@ -193,7 +205,7 @@ def _forward(pair: Pair, policy: str, store: dict):
         nc, nk = p["num_consts"], p["num_carry"]
         ins = [a.val if jax_core.is_literal(a) else env[a] for a in e.invars]
         body, bconsts = jax_core.split_closed(p["jaxpr"])
-        extra = _saved_vars(body, policy)
+        extra = _saved_vars(body, policy, _dropped_vars(body, e, pair))
 
         def f(c, x):
             res = _run_some(body, bconsts, [*ins[:nc], *c, *x], range(len(body.eqns)), {})
@@ -215,7 +227,7 @@ def _backward(pair: Pair, fwd, policy: str, store: dict):
     fp = fwd.params
     fbody, fconsts = jax_core.split_closed(fp["jaxpr"])
     fnk = fp["num_carry"]
-    extra = _saved_vars(fbody, policy)
+    extra = _saved_vars(fbody, policy, _dropped_vars(fbody, fwd, pair))
     res_vars = [fbody.outvars[fnk + j] for j in pair.dropped]
     res_of = {fwd.outvars[fnk + j]: r for j, r in zip(pair.dropped, res_vars, strict=True)}
     keep = _needed(fbody, res_vars, extra)
@@ -282,7 +294,8 @@ def rematerialize(closed, policy: str = NOTHING):
         nk = f.params["num_carry"]
         body, _ = jax_core.split_closed(f.params["jaxpr"])
         before += sum(_nbytes(f.outvars[nk + j].aval) for j in pr.dropped)
-        per_layer = f.invars[f.params["num_consts"] :][:nk] + _saved_vars(body, policy)
+        saved = _saved_vars(body, policy, _dropped_vars(body, f, pr))
+        per_layer = f.invars[f.params["num_consts"] :][:nk] + saved
         after += f.params["length"] * sum(_nbytes(v.aval) for v in per_layer)
     if after >= before:
         return None
