@@ -121,17 +121,12 @@ class Parallelized:
         traced = trace(call.pure, call.dyn, call.names)
         self.trace_count += 1
         base = self._variant(call, traced)
-
-        def solve() -> Plan:
-            self.solve_count += 1
-            return self._solve_remat(call, base, t0)[0]
-
-        if any(is_abstract(m) for m in base.meshes):
-            plan = solve()  # no devices, no other process to agree with
-            return plan, AbstractTarget(plan), None
-        if {d.process_index for d in self.devices} == {jax.process_index()}:
+        abstract = any(is_abstract(m) for m in base.meshes)
+        if abstract or {d.process_index for d in self.devices} == {jax.process_index()}:
             self.solve_count += 1
             plan, chosen = self._solve_remat(call, base, t0)
+            if abstract:  # no devices, no other process to agree with
+                return plan, AbstractTarget(plan), None
         else:  # under jax.distributed, process 0 plans and every process runs its plan
             plan = _distributed.agree(self._no_remat(base, t0), base.graph, self.devices)
             chosen = base
