@@ -154,7 +154,7 @@ class Parallelized:
             traced,
             graph,
             self.hardware,
-            tuple(self.devices),
+            () if isinstance(self.devices, int) else tuple(self.devices),
             self.time_limit,
             _donated_leaves(traced, call.donated),
             budget,
