@@ -239,7 +239,17 @@ def make_mesh(shape, names, devices) -> jax.sharding.Mesh:
 
 
 class MemoryBudgetError(ValueError):
-    """No plan on any candidate mesh fits the per-device memory budget."""
+    """No plan on any candidate mesh fits the per-device memory budget. The message
+    (the least memory reachable and what dominates it) is worked out when read."""
+
+    def __init__(self, message: str | None = None, over=(), budget: float = 0.0):
+        super().__init__(message)
+        self._message, self._over, self._budget = message, list(over), budget
+
+    def __str__(self) -> str:
+        if self._message is None:
+            self._message = _over_budget_message(self._over, self._budget)
+        return self._message
 
 
 def search(
@@ -265,7 +275,7 @@ def search(
         if best is None or mp.result.objective < best.result.objective * (1 - MESH_TIE_BREAK):
             best = mp
     if best is None:
-        raise MemoryBudgetError(_over_budget_message(over, budget))
+        raise MemoryBudgetError(over=over, budget=budget)
     return best, tried
 
 
