@@ -12,6 +12,7 @@ from autoshard.cost_model.hardware import PRESETS, Hardware, Level
 from autoshard.hlo import Collective, collectives, parse_collectives
 from autoshard.pipeline import Pipeline, PipelineError
 from autoshard.plan import Cost, Plan, SolverStats
+from autoshard.remat import RematChoice
 from autoshard.search import MemoryBudgetError
 
 try:
@@ -31,6 +32,7 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "Plan",
+    "RematChoice",
     "SolverStats",
     "checkpoint",
     "collectives",

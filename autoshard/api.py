@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -15,6 +17,7 @@ from autoshard import cache as _cache
 from autoshard import distributed as _distributed
 from autoshard import pipeline as _pipeline
 from autoshard import progress as _progress
+from autoshard import remat as _remat
 from autoshard import search as _search
 from autoshard.cost_model.hardware import Hardware
 from autoshard.mesh import (
@@ -33,6 +36,19 @@ from autoshard.plan import Cost, Entry, Plan, SolverStats
 # Fraction of device memory a default budget leaves free for what the memory model does
 # not see: XLA's own buffers, the compiled program, fragmentation.
 MEMORY_HEADROOM = 0.1
+
+
+@dataclass(frozen=True, eq=False)
+class _Variant:
+    """One form of the step to plan (as traced, or rematerialised) and its inputs."""
+
+    traced: Any
+    graph: Any
+    meshes: list
+    pinned: list
+    out_pins: dict
+    ctx: _pipeline.Context
+    remat: _remat.RematChoice | None = None
 
 
 class Parallelized:
@@ -57,11 +73,13 @@ class Parallelized:
         verbose=True,
         cache=None,
         cache_dir=None,
+        remat=_remat.AUTO,
     ):
         functools.update_wrapper(self, fn)
         self.verbose = verbose
         self.cache_dir = _cache.cache_dir(cache, cache_dir)
         self._last_args = None
+        self._progress = None  # of the planning under way
         self.fn = fn
         self.mesh = mesh
         self.devices = resolve_devices(devices)
@@ -93,6 +111,8 @@ class Parallelized:
                 f"autoshard: pipeline={pipeline!r}: use 'auto', None, or autoshard.Pipeline(...)."
             )
         self.pipeline = pipeline
+        _remat.policies(remat)  # a bad option is an error here
+        self.remat = remat
         self._cache: dict = {}
         self.trace_count = 0
         self.solve_count = 0
@@ -117,11 +137,60 @@ class Parallelized:
         t0 = time.perf_counter()
         traced = trace(call.pure, call.dyn, call.names)
         self.trace_count += 1
+        base = self._variant(call, traced)
+        abstract = any(is_abstract(m) for m in base.meshes)
+        key = None if abstract or self.cache_dir is None else self._cache_key(base)
+        plan = _cache.load(self.cache_dir, key, traced, base.meshes) if key else None
+        if plan is not None:
+            chosen = self._rematerialised(call, base, plan.remat)
+        elif abstract or {d.process_index for d in self.devices} == {jax.process_index()}:
+            plan, chosen = self._planned(lambda: self._solve_remat(call, base, t0))
+            if abstract:  # no devices, no other process to agree with
+                return plan, AbstractTarget(plan), None
+            if key:
+                _cache.store(self.cache_dir, key, plan)
+        else:  # under jax.distributed, process 0 plans and every process runs its plan
+            solve = lambda: self._planned(lambda: (self._solve(base, t0)[0], base))[0]
+            plan, chosen = _distributed.agree(solve, base.graph, self.devices), base
+        return (plan, *self._build(call, chosen, plan))
+
+    def _planned(self, solve):
+        """solve() with progress reported on the "autoshard" logger."""
+        self.solve_count += 1
+        self._progress = _progress.Progress(self._name(), self.verbose)
+        plan, chosen = solve()
+        self._progress.done(plan.solver.mesh_shape)
+        return plan, chosen
+
+    def _cache_key(self, base: _Variant) -> str:
+        """Everything the plan depends on besides autoshard's code and the meshes."""
+        ctx = base.ctx
+        return _cache.plan_key(
+            base.traced,
+            base.meshes,
+            self.hardware,
+            budget=ctx.budget,
+            time_limit=self.time_limit,
+            donated=sorted(ctx.donated),
+            pins=repr(base.pinned),
+            out_pins=repr(sorted(base.out_pins.items())),
+            pipeline=repr(self.pipeline),
+            remat=repr(self.remat),
+        )
+
+    def _rematerialised(self, call, base: _Variant, choice) -> _Variant:
+        """The form of the step a loaded plan runs: as traced, or rematerialised."""
+        if choice is None:
+            return base
+        traced, _ = _remat.variant(base.traced, choice.policy)
+        return self._variant(call, traced, choice)
+
+    def _variant(self, call, traced, remat=None) -> _Variant:
+        """What planning needs for one traced form of the step."""
         graph = build_graph(traced)
         pins = user_pins(call, traced, graph, self.in_shardings, self.out_shardings)
         meshes = candidate_meshes(self.mesh, self.devices, self.hardware)
         meshes, pinned = pins.usable(graph, meshes)
-        donated = _donated_leaves(traced, call.donated)
         budget = self.memory_budget
         if budget is None:
             budget = self.hardware.memory * (1 - MEMORY_HEADROOM)
@@ -131,47 +200,21 @@ class Parallelized:
             traced,
             graph,
             self.hardware,
-            tuple(self.devices),
+            () if isinstance(self.devices, int) else tuple(self.devices),
             self.time_limit,
-            donated,
+            _donated_leaves(traced, call.donated),
             budget,
         )
         out_pins = {v: p for v, _, p in pins.outputs if p is not None}
-        abstract = any(is_abstract(m) for m in meshes)
-        key = None
-        if self.cache_dir is not None and not abstract:
-            key = _cache.plan_key(
-                traced,
-                meshes,
-                self.hardware,
-                budget=budget,
-                time_limit=self.time_limit,
-                donated=sorted(donated),
-                pins=repr(pinned),
-                out_pins=repr(sorted(out_pins.items())),
-                pipeline=repr(self.pipeline),
-            )
+        return _Variant(traced, graph, meshes, pinned, out_pins, ctx, remat)
 
-        def solve() -> Plan:
-            plan = _cache.load(self.cache_dir, key, traced, meshes) if key else None
-            if plan is None:
-                self.solve_count += 1
-                progress = _progress.Progress(self._name(), self.verbose)
-                plan = self._solve(ctx, meshes, pinned, out_pins, t0, progress)
-                progress.done(plan.solver.mesh_shape)
-                if key:
-                    _cache.store(self.cache_dir, key, plan)
-            return plan
-
-        if abstract:
-            plan = solve()  # no devices, no other process to agree with
-            return plan, AbstractTarget(plan), None
-        # under jax.distributed, process 0 plans and every process runs its plan
-        plan = _distributed.agree(solve, graph, self.devices)
+    def _build(self, call, chosen: _Variant, plan: Plan):
+        """(jitted step, flat input shardings) running plan on chosen's graph."""
+        traced = chosen.traced
         if plan.pipeline is not None:
-            run = _pipeline.runner(ctx, plan)
+            run = _pipeline.runner(chosen.ctx, plan)
         else:
-            run = interpreter(graph, plan.layout, plan.mesh)
+            run = interpreter(chosen.graph, plan.layout, plan.mesh)
         flat_in = [
             NamedSharding(plan.mesh, s)
             for s in jax.tree_util.tree_leaves(plan.in_specs, is_leaf=_is_p)
@@ -190,11 +233,58 @@ class Parallelized:
             out_shardings=out_sh,
             donate_argnums=call.donated,
         )
-        return plan, jitted, flat_in
+        return jitted, flat_in
 
-    def _solve(self, ctx, meshes, pinned, out_pins, t0, progress=None) -> Plan:
-        """The plan on this process: forced pipeline, or the mesh search (then an
-        automatic pipeline if one is predicted faster)."""
+    def _solve_remat(self, call, base: _Variant, t0) -> tuple[Plan, _Variant]:
+        """The plan, and the form of the step it runs: as traced, or with its layer
+        stacks rematerialised when remat= allows it and (for "auto") the budget binds
+        on the plan without it. The cheapest plan within the budget wins."""
+        forced_pipe = isinstance(self.pipeline, _pipeline.Pipeline)
+        policies = () if forced_pipe else _remat.policies(self.remat)
+        forced = bool(policies) and self.remat != _remat.AUTO
+        best, err, binds = None, None, bool(policies)
+        if not forced:
+            try:
+                best, binds = self._solve(base, t0)
+            except _search.MemoryBudgetError as e:
+                err = e
+        if best is not None and not binds:
+            return best, base
+        without = best.cost.time if best is not None else None
+        chosen = base
+        for var in self._remat_variants(call, base, policies, without):
+            try:
+                plan, _ = self._solve(var, t0)
+            except _search.MemoryBudgetError as e:
+                err = err or e
+                continue
+            if best is None or forced or plan.cost.time < best.cost.time:
+                best, chosen = replace(plan, remat=var.remat), var
+            if forced:
+                break
+        if best is None and err is None:  # forced, but nothing to rematerialise
+            warnings.warn(
+                f"autoshard: remat={self.remat!r}: the step has no lax.scan/nnx.scan layer "
+                "stack whose saved residuals remat would shrink; planning it as traced.",
+                stacklevel=4,
+            )
+            return self._solve(base, t0)[0], base
+        if best is None:
+            raise err
+        return best, chosen
+
+    def _remat_variants(self, call, base: _Variant, policies, without):
+        """The step rematerialised under each policy that shrinks what it saves."""
+        for policy in policies:
+            v = _remat.variant(base.traced, policy)
+            if v is not None:
+                yield self._variant(call, v[0], replace(v[1], time_without=without))
+
+    def _solve(self, var: _Variant, t0) -> tuple[Plan, bool]:
+        """The plan on this process for one form of the step (forced pipeline, or the
+        mesh search, then an automatic pipeline if one is predicted faster), and
+        whether the memory budget bound the winning mesh's plan."""
+        ctx, meshes, pinned = var.ctx, var.meshes, var.pinned
         if isinstance(self.pipeline, _pipeline.Pipeline):
             if any(is_abstract(m) for m in meshes):
                 raise ValueError(
@@ -207,7 +297,7 @@ class Parallelized:
                     "out_shardings or with_sharding_constraint in the step): drop the pins, or "
                     "use pipeline='auto' to plan around them without stages."
                 )
-            return _pipeline.forced(ctx, self.pipeline, meshes)[0]
+            return _pipeline.forced(ctx, self.pipeline, meshes)[0], False
         graph = ctx.graph
         mp, tried = _search.search(
             graph,
@@ -217,14 +307,17 @@ class Parallelized:
             ctx.budget,
             ctx.donated,
             pinned,
-            progress=progress,
+            progress=self._progress,
         )
-        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, out_pins)
-        # a pipeline would ignore the user's pins, and an abstract mesh has no devices
-        if self.pipeline == _pipeline.AUTO and not any(pinned) and not is_abstract(plan.mesh):
+        plan = _make_plan(mp, graph, tried, time.perf_counter() - t0, var.out_pins)
+        binds = bool(mp.request.memory)
+        # a pipeline would ignore the user's pins, and an abstract mesh has no devices;
+        # a rematerialised step is not split into stages
+        pipe = self.pipeline == _pipeline.AUTO and var.remat is None
+        if pipe and not any(pinned) and not is_abstract(plan.mesh):
             piped = _pipeline.auto(ctx, meshes, plan.cost.time)
             plan = piped[0] if piped else plan
-        return plan
+        return plan, binds
 
     def plan(self, *args, **kwargs) -> Plan:
         """The plan for these arguments (arrays or ShapeDtypeStructs), without running."""
@@ -335,6 +428,7 @@ def parallelize(
     verbose: bool = True,
     cache: bool | None = None,
     cache_dir: str | None = None,
+    remat: str | None = "auto",
 ) -> Any:
     """Run a single-device training step sharded over all visible devices.
 
@@ -365,6 +459,15 @@ def parallelize(
       pipeline: "auto" (the planner may split a `lax.scan` layer stack into stages
         over a mesh axis when that is predicted faster), None (never), or
         `autoshard.Pipeline(stages, microbatches)` to force it. See docs/pipeline.md.
+      remat: rematerialisation of `lax.scan`/`nnx.scan` layer stacks, as
+        `jax.checkpoint` on the layer would do it. "auto": when the memory budget
+        binds, the step is planned again with each stack's forward pass saving only
+        its matmul results ("dots_saveable") or only each layer's input
+        ("nothing_saveable"), the backward pass recomputing the rest; the cheapest
+        plan within the budget wins and `plan.remat` says which. None: never.
+        "layers" (= "nothing_saveable"), "nothing_saveable" or "dots_saveable": always
+        that policy. Not combined with a forced pipeline; under jax.distributed
+        with several processes the step is planned as traced. See docs/pods.md.
       static_argnums, static_argnames: arguments that are Python values, not arrays
         (flags, configs): part of the cache key and closed over, as for `jax.jit`
         (they must be hashable). Numbers and names are resolved against each other.
@@ -424,6 +527,7 @@ def parallelize(
             verbose=verbose,
             cache=cache,
             cache_dir=cache_dir,
+            remat=remat,
         )
     return Parallelized(
         fn,
@@ -442,4 +546,5 @@ def parallelize(
         verbose=verbose,
         cache=cache,
         cache_dir=cache_dir,
+        remat=remat,
     )

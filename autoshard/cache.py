@@ -26,7 +26,7 @@ logger = logging.getLogger("autoshard")
 ENV_DIR = "AUTOSHARD_CACHE_DIR"
 ENV_OFF = "AUTOSHARD_CACHE"
 # Bumped when the stored record changes shape.
-FORMAT = 2
+FORMAT = 3
 
 
 def cache_dir(enabled: bool | None = None, path: str | os.PathLike | None = None):
@@ -110,6 +110,7 @@ class Stored:
     inputs: tuple
     layout: object
     pipeline: object = None  # PipelineChoice of a pipelined plan
+    remat: object = None  # RematChoice of a rematerialised step
 
 
 def store(directory, key: str, plan) -> None:
@@ -128,6 +129,7 @@ def store(directory, key: str, plan) -> None:
         plan.inputs,
         plan.layout,
         plan.pipeline,
+        plan.remat,
     )
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -170,4 +172,5 @@ def load(directory, key: str, traced, meshes):
         rec.inputs,
         rec.layout,
         rec.pipeline,
+        rec.remat,
     )

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 from autoshard import export, report
 from autoshard.cost_model.pipeline import PipelineChoice
 from autoshard.passes.annotate import Layout
+from autoshard.remat import RematChoice
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class Plan:
       inputs: one Entry per input leaf, for reading.
       pipeline: the pipeline parallelism chosen (stages, microbatches, schedule,
         bubble, per-stage memory), or None.
+      remat: the rematerialisation of layer stacks chosen (autoshard.remat.RematChoice:
+        policy, layers, residual bytes saved with and without it), or None.
 
     Example:
       >>> plan = step.plan(state, batch)          # doctest: +SKIP
@@ -84,6 +87,7 @@ class Plan:
     inputs: tuple[Entry, ...]
     layout: Layout | None = field(default=None, repr=False)
     pipeline: PipelineChoice | None = None
+    remat: RematChoice | None = None
 
     def summary(self, rich: bool | None = None) -> str:
         """A readable report: the mesh, one row per parameter (its optimizer moments
@@ -161,6 +165,7 @@ class Plan:
             "cost": asdict(self.cost),
             "solver": asdict(self.solver),
             "pipeline": asdict(self.pipeline) if self.pipeline else None,
+            "remat": asdict(self.remat) if self.remat else None,
         }
         return json.dumps(doc, indent=1)
 
@@ -201,7 +206,14 @@ class Plan:
             SolverStats(**solver),
             entries,
             pipeline=PipelineChoice(**doc["pipeline"]) if doc.get("pipeline") else None,
+            remat=_remat_from_json(doc.get("remat")),
         )
+
+
+def _remat_from_json(doc) -> RematChoice | None:
+    if not doc:
+        return None
+    return RematChoice(**{**doc, "layers": tuple(doc["layers"])})
 
 
 def _is_abstract(mesh) -> bool:

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from jax.sharding import PartitionSpec
+from jax.sharding import AbstractMesh, PartitionSpec
 
 if TYPE_CHECKING:
     from autoshard.plan import Entry, Plan
@@ -199,7 +199,8 @@ def _table(header: list[str], body: list[list[str]], use_rich: bool | None) -> s
 
 def mesh_text(plan: Plan) -> str:
     mesh = ", ".join(f"{n}={s}" for n, s in plan.mesh.shape.items())
-    return f"mesh: ({mesh})  [{plan.mesh.devices.size} devices]"
+    abstract = ", abstract" if isinstance(plan.mesh, AbstractMesh) else ""
+    return f"mesh: ({mesh})  [{plan.mesh.size} devices{abstract}]"
 
 
 def tensor_table(plan: Plan, use_rich: bool | None = None) -> str:
@@ -239,6 +240,10 @@ def cost_lines(plan: Plan) -> list[str]:
             f"microbatches ({pl.schedule}), {pl.layers // pl.stages} of {pl.layers} layers "
             f"per stage, bubble {pl.bubble:.0%}"
         )
+    if getattr(plan, "remat", None) is not None:
+        from autoshard.remat import text
+
+        lines.append(text(plan.remat))
     if len(s.candidates) > 1:
         cands = ", ".join(f"{k}: {v * 1e3:.3f} ms" for k, v in s.candidates.items())
         lines.append(f"meshes tried: {cands}")
@@ -468,7 +473,7 @@ def explain(plan: Plan) -> str:
     rs = rows(plan.inputs)
     c, s = plan.cost, plan.solver
     axes = ", ".join(f"{n}={k}" for n, k in plan.mesh.shape.items())
-    lines = [f"The step runs on mesh ({axes}) over {plan.mesh.devices.size} devices."]
+    lines = [f"The step runs on mesh ({axes}) over {plan.mesh.size} devices."]
     lines += [_axis_sentence(plan, a, rs) for a in plan.mesh.axis_names]
     whole = [r.name for r in rs if r.moments and r.entry.spec == PartitionSpec()]
     if whole:

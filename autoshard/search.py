@@ -111,7 +111,17 @@ def solve_on_mesh(
 
 
 class MemoryBudgetError(ValueError):
-    """No plan on any candidate mesh fits the per-device memory budget."""
+    """No plan on any candidate mesh fits the per-device memory budget. The message
+    (the least memory reachable and what dominates it) is worked out when read."""
+
+    def __init__(self, message: str | None = None, over=(), budget: float = 0.0):
+        super().__init__(message)
+        self._message, self._over, self._budget = message, list(over), budget
+
+    def __str__(self) -> str:
+        if self._message is None:
+            self._message = over_budget_message(self._over, self._budget)
+        return self._message
 
 
 def op_infos(graph: OpGraph) -> list:
@@ -171,7 +181,7 @@ def search(
                 r.num_constraints,
             )
     if best is None:
-        raise MemoryBudgetError(over_budget_message(over, budget))
+        raise MemoryBudgetError(over=over, budget=budget)
     return best, tried
 
 
