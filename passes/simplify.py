@@ -138,6 +138,7 @@ def _reshard_time(mesh: MeshDesc, hw: Hardware):
         lat = sum(coll.fixed_cost(c.axes, hw) for c in cs if mesh.group(c.axes) > 1)
         return lat, sum(coll.time(c, mesh, hw, latency=False) for c in cs)
 
+    @functools.cache
     def rt(src, dst, nbytes):
         if src == dst or not nbytes:
             return 0.0
