@@ -131,7 +131,7 @@ class Parallelized:
             traced,
             graph,
             self.hardware,
-            tuple(self.devices),
+            () if isinstance(self.devices, int) else tuple(self.devices),  # int: abstract
             self.time_limit,
             donated,
             budget,
