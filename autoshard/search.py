@@ -73,7 +73,8 @@ def solve_on_mesh(
     (`passes.repeats.unit_colours`), copies of repeated layers share ILP variables.
     With beat (the best cost found on another mesh), a mesh whose LP lower bound is
     not below it, or whose LP relaxation does not finish within LP_BOUND_TIME, is not
-    solved: the result has status "skipped" and the bound (inf when unknown)."""
+    solved: the result has status "skipped" and the bound (inf when unknown). Without
+    beat, under a budget, a mesh whose memory floor exceeds it is "infeasible"."""
     desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
     hw = hw.for_mesh(desc.shape)  # per-axis numbers from the hardware's levels
     units = [  # a PRNG key input stays whole
@@ -107,7 +108,8 @@ def solve_on_mesh(
             return replace(mp, result=skipped)
     live = Liveness(problem, donated)
     mp = replace(mp, liveness=live)
-    if budget is not None:  # a mesh no plan fits on is known without its full ILP
+    if budget is not None and beat is None:
+        # until a plan is found, a mesh no plan fits on is told apart without its ILP
         floor = excluded_by_memory(mp, budget, min(time_limit, LP_BOUND_TIME))
         if floor is not None:
             none = SolverResult((0,) * len(problem.roots), float("inf"), "infeasible", 0.0, 0, 0)
