@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from jax.sharding import PartitionSpec
+from jax.sharding import AbstractMesh, PartitionSpec
 
 if TYPE_CHECKING:
     from autoshard.plan import Entry, Plan
@@ -199,6 +199,8 @@ def _table(header: list[str], body: list[list[str]], use_rich: bool | None) -> s
 
 def mesh_text(plan: Plan) -> str:
     mesh = ", ".join(f"{n}={s}" for n, s in plan.mesh.shape.items())
+    if isinstance(plan.mesh, AbstractMesh):  # planned for devices this process lacks
+        return f"mesh: ({mesh})  [{plan.mesh.size} devices, abstract]"
     return f"mesh: ({mesh})  [{plan.mesh.devices.size} devices]"
 
 

@@ -132,18 +132,8 @@ def _reshard_time(mesh: MeshDesc, hw: Hardware):
     table per mesh and hardware, shared by follower merging and the request)."""
 
     @functools.cache
-    def affine(src, dst):
-        # the collectives of a reshard scale with the tensor: latency + bytes * slope
-        cs = reshard(src, dst, 1.0, mesh)
-        lat = sum(coll.fixed_cost(c.axes, hw) for c in cs if mesh.group(c.axes) > 1)
-        return lat, sum(coll.time(c, mesh, hw, latency=False) for c in cs)
-
-    @functools.cache
     def rt(src, dst, nbytes):
-        if src == dst or not nbytes:
-            return 0.0
-        lat, slope = affine(src, dst)
-        return lat + slope * nbytes
+        return coll.total_time(reshard(src, dst, nbytes, mesh), mesh, hw)
 
     return rt
 
