@@ -3,11 +3,18 @@ least-memory fallback of a timed-out solve, and the over-budget error message.""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
 
-from autoshard.cost_model.ilp import SolverRequest, SolverResult, evaluate, min_memory
+from autoshard.cost_model.ilp import (
+    SolverRequest,
+    SolverResult,
+    evaluate,
+    memory_floor,
+    min_memory,
+)
 from autoshard.mesh_plan import MeshPlan, operand_specs, value_specs
 from autoshard.passes.liveness import Liveness
 from autoshard.passes.simplify import Problem, decode
@@ -23,6 +30,8 @@ MEMORY_POINTS = 8
 # this factor from the best plan known, at most this many times.
 LEAST_MEMORY_STEP = 0.92
 LEAST_MEMORY_STEPS = 8
+# ... and for at most this many seconds (each solve is a full ILP with memory rows).
+LEAST_MEMORY_TIME = 15.0
 
 
 def _new_points(profile, points, args: float, limit: float) -> list[int]:
@@ -37,10 +46,11 @@ def _peak(live: Liveness, problem: Problem, picks) -> float:
     return args + float(full.max(initial=0.0))
 
 
-def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None):
+def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, deadline=None):
     """(result, picks, request) of the cheapest plan within budget, by cutting planes:
     memory rows at the steps where the last plan went over. Resharded copies are not
-    linear in the choices; when only they push a plan over, the rows aim lower."""
+    linear in the choices; when only they push a plan over, the rows aim lower. With
+    a deadline (time.perf_counter() seconds), no round starts after it."""
     problem, live = mp.problem, mp.liveness
     request = mp.request if request is None else request
     node_of_root = {r: i for i, r in enumerate(problem.roots)}
@@ -51,6 +61,12 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None):
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
         req = replace(request, memory=rows, memory_budget=target)
+        if deadline is not None:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                none = SolverResult((0,) * len(problem.roots), np.inf, "timed_out", 0.0, 0, 0)
+                return none, replicated, req
+            req = replace(req, time_limit=max(1.0, min(req.time_limit, left)))
         result = mp.solve(req)
         picks = decode(problem, result.choice)
         if result.status == "fallback":  # the time limit came before any feasible plan
@@ -95,6 +111,23 @@ def _least_memory_fallback(mp: MeshPlan, req: SolverRequest, result: SolverResul
     return replace(result, status="timed_out"), picks, req
 
 
+def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float) -> float | None:
+    """A lower bound on the per-device memory of every plan on mp's mesh when it
+    exceeds the budget, else None (also when the replicated plan fits). The bound: the
+    least, over the choices, of the largest memory row at the replicated plan's
+    highest steps (one small ILP without costs or edges, at most time_limit seconds),
+    so a mesh no plan fits on is told apart without solving its full ILP."""
+    problem, live = mp.problem, mp.liveness
+    args, prof = live.profile(value_specs(problem, decode(problem, [0] * len(problem.roots))))
+    if args + prof.max(initial=0.0) <= budget * (1 + FIT_TOLERANCE):
+        return None
+    node_of_root = {r: i for i, r in enumerate(problem.roots)}
+    rows = tuple(live.row(t, node_of_root) for t in _new_points(prof, [], args, budget))
+    req = replace(mp.request, memory=rows, memory_budget=None, time_limit=time_limit)
+    floor = memory_floor(req if mp.collapse is None else mp.collapse.request(req))
+    return floor if floor > budget * (1 + FIT_TOLERANCE) else None
+
+
 def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
     """About the least per-device memory a plan on mp's mesh reaches, and what is
     alive at its peak: (bytes, kind, what), largest first. A lower bound comes from
@@ -122,9 +155,12 @@ def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
     best = min(candidates, key=lambda p: _peak(live, problem, p))
     high = _peak(live, problem, best)
     # step the budget down from the best plan known while plans keep fitting
+    deadline = time.perf_counter() + LEAST_MEMORY_TIME
     for _ in range(LEAST_MEMORY_STEPS):
         target = max(bound, LEAST_MEMORY_STEP * high)
-        result, picks, _ = _within(mp, target, free)
+        result, picks, _ = _within(mp, target, free, deadline)
+        if result.status == "timed_out":
+            break  # out of time: keep the best plan found so far
         if result.status == "infeasible" or target <= bound:
             break
         best, high = picks, min(high, _peak(live, problem, picks))
@@ -143,8 +179,10 @@ def over_budget_message(over: list[MeshPlan], budget: float) -> str:
             "least-memory plan (everything sharded as far as it goes) fits either. Raise "
             "time_limit, raise memory_budget, or use more devices."
         )
-    least = [(least_memory(mp), mp) for mp in over]
-    (need, alive), mp = min(least, key=lambda x: x[0][0])
+    # the least-memory search runs on one mesh: the one with the lowest memory floor
+    # (the first where none is known); the others' plans are no smaller than it
+    mp = min(over, key=lambda m: np.inf if m.memory_floor is None else m.memory_floor)
+    need, alive = least_memory(mp)
     kinds: dict[str, list[tuple[float, str]]] = {}
     for nbytes, kind, what in alive:
         kinds.setdefault(kind, []).append((nbytes, what))

@@ -26,6 +26,8 @@ class MeshPlan:
     liveness: Liveness | None  # None for a mesh the search skipped
     request: SolverRequest  # with the memory rows of a budget, if one applied
     collapse: Collapse | None = None  # ILP nodes that share variables (repeated layers)
+    # a lower bound on the per-device memory of every plan, when one excluded the budget
+    memory_floor: float | None = None
 
     def solve(self, request: SolverRequest) -> SolverResult:
         """Solve a request over this problem's ILP nodes, copies sharing variables."""

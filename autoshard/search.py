@@ -25,6 +25,7 @@ from autoshard.memory_planes import (  # noqa: F401  (re-exported)
     FIT_TOLERANCE,
     _peak,
     _within,
+    excluded_by_memory,
     least_memory,
     over_budget_message,
 )
@@ -47,6 +48,10 @@ LP_BOUND_TIME = 10.0
 # finish in LP_BOUND_TIME on 2 cores (a 12-layer GPT on (2, 2, 2): 950k variables,
 # over 60 s), so a mesh this large is not bounded and, once a plan exists, skipped.
 LP_MAX_VARIABLES = 400_000
+# Many devices have many factorisations (64: 16 shapes, 1024: 46). Per number of mesh
+# axes (1, 2, 3), at most this many meshes are built and solved: those with the lowest
+# compute floor (`compute_floor`). 3-D problems are the large ones.
+MESHES_PER_RANK = (1, 6, 3)
 
 
 def solve_on_mesh(
@@ -68,7 +73,8 @@ def solve_on_mesh(
     (`passes.repeats.unit_colours`), copies of repeated layers share ILP variables.
     With beat (the best cost found on another mesh), a mesh whose LP lower bound is
     not below it, or whose LP relaxation does not finish within LP_BOUND_TIME, is not
-    solved: the result has status "skipped" and the bound (inf when unknown)."""
+    solved: the result has status "skipped" and the bound (inf when unknown). Without
+    beat, under a budget, a mesh whose memory floor exceeds it is "infeasible"."""
     desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
     hw = hw.for_mesh(desc.shape)  # per-axis numbers from the hardware's levels
     units = [  # a PRNG key input stays whole
@@ -102,6 +108,13 @@ def solve_on_mesh(
             return replace(mp, result=skipped)
     live = Liveness(problem, donated)
     mp = replace(mp, liveness=live)
+    if budget is not None and beat is None:
+        # until a plan is found, a mesh no plan fits on is told apart without its ILP
+        floor = excluded_by_memory(mp, budget, min(time_limit, LP_BOUND_TIME))
+        if floor is not None:
+            none = SolverResult((0,) * len(problem.roots), float("inf"), "infeasible", 0.0, 0, 0)
+            picks = decode(problem, none.choice)
+            return replace(mp, result=none, picks=picks, memory_floor=floor)
     result = mp.solve(request)
     picks = decode(problem, result.choice)
     if budget is None or _peak(live, problem, picks) <= budget * (1 + FIT_TOLERANCE):
@@ -131,6 +144,37 @@ def op_infos(graph: OpGraph) -> list:
     return [op_info(graph, n, not feeds[n.id] and n.weight == 1) for n in graph.nodes]
 
 
+def compute_floor(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> float:
+    """No plan on the mesh costs less: every operation's cheapest strategy, times the
+    iterations it runs (resharding and shared latencies only add). Cheap: strategies
+    are enumerated once per operation signature and kept for the mesh's solve."""
+    hw = hw.for_mesh(desc.shape)
+    weights: dict = {}
+    for node, op in zip(graph.nodes, infos, strict=True):
+        weights[op] = weights.get(op, 0) + node.weight
+    cheapest = (min(s.cost for s in enumerate_strategies(op, desc, hw)) for op in weights)
+    return sum(w * c for w, c in zip(weights.values(), cheapest, strict=True))
+
+
+def mesh_floors(graph: OpGraph, meshes, infos, hw: Hardware) -> list[float]:
+    """compute_floor of every candidate mesh."""
+    descs = [MeshDesc(tuple(m.axis_sizes), tuple(m.axis_names)) for m in meshes]
+    return [compute_floor(graph, infos, d, hw) for d in descs]
+
+
+def mesh_order(meshes, floors) -> list[int]:
+    """Indices of the meshes to build, in order: per number of axes (fewer first), the
+    MESHES_PER_RANK[axes - 1] with the lowest floors, in the given order among those."""
+    by_rank: dict[int, list[int]] = {}
+    for i, m in enumerate(meshes):
+        by_rank.setdefault(len(m.axis_sizes), []).append(i)
+    keep = []
+    for rank in sorted(by_rank):
+        cap = MESHES_PER_RANK[min(rank, len(MESHES_PER_RANK)) - 1]
+        keep += sorted(sorted(by_rank[rank], key=lambda i: floors[i])[:cap])
+    return keep
+
+
 def _variables(request) -> int:
     return sum(len(c) for c in request.node_costs) + sum(e.cost.size for e in request.edges)
 
@@ -146,16 +190,23 @@ def search(
     collapse: bool = True,
     progress=None,
 ) -> tuple[MeshPlan, dict[str, float]]:
-    """Solve on every mesh; the cheapest plan within the budget wins, the earlier
-    (smaller) mesh on ties. Raises MemoryBudgetError if no mesh has one. pinned: per
-    mesh, value id -> spec the user fixed. With collapse, copies of repeated layers
-    share ILP variables."""
+    """Solve on the meshes (per number of axes, the MESHES_PER_RANK with the lowest
+    compute floors; a mesh whose floor is not below the best plan found is skipped);
+    the cheapest plan within the budget wins, the earlier (smaller) mesh on ties.
+    Raises MemoryBudgetError if no mesh has one. pinned: per mesh, value id -> spec
+    the user fixed. With collapse, copies of repeated layers share ILP variables."""
     best, tried, over = None, {}, []
     colours = unit_colours(graph) if collapse else None
     infos = op_infos(graph)
     pinned = pinned or [None] * len(meshes)
-    for mesh, pins in zip(meshes, pinned, strict=True):
+    floors = mesh_floors(graph, meshes, infos, hw)
+    for i in mesh_order(meshes, floors):
+        mesh, pins = meshes[i], pinned[i]
         beat = None if best is None else best.result.objective
+        if beat is not None and floors[i] >= beat * (1 - MESH_TIE_BREAK):
+            if progress is not None:
+                progress.skipped(tuple(mesh.axis_sizes), floors[i], beat)
+            continue
         mp = solve_on_mesh(
             graph, mesh, hw, time_limit, budget, donated, pins, colours, progress, beat, infos
         )

@@ -12,7 +12,9 @@ graph / strategies / ILP build / solve, the ILP size and the chosen mesh.
 
 A case is `model:mesh` with model in gpt12, gpt24, gpt48, gpt1.3b, llama7b and mesh in
 8, 2x4, none (any shape such as 2x2x2 works); `model:mesh+cache` plans once into a fresh
-plan cache and reports the second planning (traced again, then loaded from disk).
+plan cache and reports the second planning (traced again, then loaded from disk);
+`model:mesh@N` plans for N abstract devices (`devices=N`) with the h100 preset's
+levels (8 devices per NVLink domain, InfiniBand between), e.g. `gpt12:none@64`.
 Each case runs in its own process (so a case that runs past --timeout is reported as
 "> N s" and the next one starts clean). Hardware: the h100-nvlink preset.
 """
@@ -121,6 +123,8 @@ def run_case(case: str) -> dict:
     import autoshard
 
     model, mesh = case.split(":")
+    mesh, _, count = mesh.partition("@")
+    hw = autoshard.PRESETS["h100" if count else "h100-nvlink"]
     step_fn, state, batch = abstract_setup(model)
     timer = _Timer()
     _instrument(timer)
@@ -128,17 +132,22 @@ def run_case(case: str) -> dict:
     mesh = mesh.removesuffix("+cache")
     shape = None if mesh == "none" else tuple(int(x) for x in mesh.split("x"))
     kwargs = {"cache": False} if "cache" in _parallelize_args() else {}
+    if count:
+        kwargs["devices"] = int(count)
     if cached:
         kwargs = {"cache_dir": tempfile.mkdtemp(prefix="plan_time_")}
-        autoshard.parallelize(
-            step_fn, mesh=shape, hardware=autoshard.PRESETS["h100-nvlink"], **kwargs
-        ).plan(state, batch)
+        if count:
+            kwargs["devices"] = int(count)
+        autoshard.parallelize(step_fn, mesh=shape, hardware=hw, **kwargs).plan(state, batch)
         timer.t = dict.fromkeys(PHASES, 0.0)
-    step = autoshard.parallelize(
-        step_fn, mesh=shape, hardware=autoshard.PRESETS["h100-nvlink"], **kwargs
-    )
+    step = autoshard.parallelize(step_fn, mesh=shape, hardware=hw, **kwargs)
     t0 = time.perf_counter()
-    plan = step.plan(state, batch)
+    try:
+        plan = step.plan(state, batch)
+    except autoshard.MemoryBudgetError as e:  # an answer too: how long it took to know
+        total = time.perf_counter() - t0
+        least = str(e).split("The least memory found for any plan is ")[-1].split(";")[0]
+        return {"case": case, "error": f"{total:.2f} s: no plan fits ({least[:60]})"}
     total = time.perf_counter() - t0
     s = plan.solver
     timer.t["other"] = total - sum(timer.t.values())
@@ -154,7 +163,7 @@ def run_case(case: str) -> dict:
         "objective_ms": plan.cost.time * 1e3,
         "status": s.status,
         "meshes": len(s.candidates),
-        "devices": len(jax.devices()),
+        "devices": int(count) if count else len(jax.devices()),
     }
 
 

@@ -256,6 +256,28 @@ def _decode(x, offs) -> tuple[int, ...]:
 def min_memory(request: SolverRequest) -> tuple[tuple[int, ...], float]:
     """The choice whose largest memory row is smallest (costs and edges ignored), and
     that row's bytes: the least memory per device any plan reaches at these points."""
+    res, offs = _min_memory(request)
+    choice = tuple(0 for _ in request.node_costs) if res.x is None else _decode(res.x, offs)
+    return choice, max((r.value(choice) for r in request.memory), default=0.0)
+
+
+def memory_floor(request: SolverRequest) -> float:
+    """A lower bound on the largest memory row of every choice (the solver's dual
+    bound, valid when it stops at its time limit too; 0 if it has none).
+
+    Example:
+      >>> row = MemoryRow(((0, np.array([4.0, 1.0])),))
+      >>> memory_floor(SolverRequest((np.zeros(2),), memory=(row,)))
+      1.0
+    """
+    res, _ = _min_memory(request)
+    bound = getattr(res, "mip_dual_bound", None)
+    if res.status == 0 and res.fun is not None:
+        bound = min(float(res.fun), bound if bound is not None else np.inf)
+    return float(bound) if bound is not None and np.isfinite(bound) else 0.0
+
+
+def _min_memory(request: SolverRequest):
     offs = np.cumsum([0] + [len(c) for c in request.node_costs])
     n_s = int(offs[-1])
     rows = _Rows()
@@ -270,5 +292,4 @@ def min_memory(request: SolverRequest) -> tuple[tuple[int, ...], float]:
         bounds=Bounds(np.r_[np.zeros(n_s), 0.0], np.r_[np.ones(n_s), np.inf]),
         options={"time_limit": request.time_limit, "mip_rel_gap": MIN_MEMORY_REL_GAP},
     )
-    choice = tuple(0 for _ in request.node_costs) if res.x is None else _decode(res.x, offs)
-    return choice, max((r.value(choice) for r in request.memory), default=0.0)
+    return res, offs

@@ -110,6 +110,36 @@ def hold_loop_buffers(graph: OpGraph, order, produced, consumed) -> None:
             consumed[end] = [*consumed[end], *[r for r in n.inputs if not isinstance(r, Lit)]]
 
 
+# The step's order and live sets depend on the graph alone, not on the mesh: kept for
+# the last few graphs, so every candidate mesh shares them.
+_STRUCTURES: list = []
+_KEEP_STRUCTURES = 4
+
+
+def _structure(g: OpGraph, donated: frozenset[int]):
+    """(outputs that are not donated, operation order, live matrix steps x values)."""
+    for graph, don, found in _STRUCTURES:
+        if graph is g and don == donated:
+            return found
+    aliased = {g.outputs[o] for i, o in g.ties if i in donated}
+    outs = {r for r in g.outputs if not isinstance(r, Lit)} - aliased - set(g.inputs)
+    keep = materialized(g) - aliased
+    produced = [n.outputs for n in g.nodes]
+    consumed = [[r for r in n.inputs if not isinstance(r, Lit)] for n in g.nodes]
+    order = dfs_order(produced, consumed, [r for r in g.outputs if not isinstance(r, Lit)])
+    made, read = [list(produced[i]) for i in order], [list(consumed[i]) for i in order]
+    hold_loop_buffers(g, order, made, read)
+    reuse = in_place_operands(g, keep)
+    sets = live_sets(made, read, outs, keep, [reuse[i] for i in order])
+    rows = [step for step, live in enumerate(sets) for _ in live]
+    cols = [v for live in sets for v in live]
+    data = np.ones(len(rows))
+    live = sp.csr_array((data, (rows, cols)), shape=(max(len(order), 1), len(g.values)))
+    found = (frozenset(outs), tuple(order), live)
+    _STRUCTURES[:] = [(g, donated, found), *_STRUCTURES[: _KEEP_STRUCTURES - 1]]
+    return found
+
+
 class Liveness:
     """Which values are alive at each point of the step, for one problem.
 
@@ -122,25 +152,9 @@ class Liveness:
     def __init__(self, problem: Problem, donated: frozenset[int] = frozenset()):
         self.problem = problem
         self._cache: dict[int, np.ndarray] = {}
-        g = problem.graph
-        self.args = tuple(g.inputs)
-        aliased = {g.outputs[o] for i, o in g.ties if i in donated}
-        outs = {r for r in g.outputs if not isinstance(r, Lit)} - aliased - set(g.inputs)
-        keep = materialized(g) - aliased
-        produced = [n.outputs for n in g.nodes]
-        consumed = [[r for r in n.inputs if not isinstance(r, Lit)] for n in g.nodes]
-        order = dfs_order(produced, consumed, [r for r in g.outputs if not isinstance(r, Lit)])
-        made, read = [list(produced[i]) for i in order], [list(consumed[i]) for i in order]
-        hold_loop_buffers(g, order, made, read)
-        reuse = in_place_operands(g, keep)
-        sets = live_sets(made, read, outs, keep, [reuse[i] for i in order])
-        rows = [step for step, live in enumerate(sets) for _ in live]
-        cols = [v for live in sets for v in live]
-        self.outputs = frozenset(outs)
-        self.steps = len(order)
-        self.order = tuple(order)
-        data = np.ones(len(rows))
-        self.live = sp.csr_array((data, (rows, cols)), shape=(max(len(order), 1), len(g.values)))
+        self.args = tuple(problem.graph.inputs)
+        self.outputs, self.order, self.live = _structure(problem.graph, donated)
+        self.steps = len(self.order)
 
     def value_bytes(self, specs) -> np.ndarray:
         """Per-device bytes of every value under specs (one per value)."""

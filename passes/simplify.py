@@ -92,22 +92,26 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
     for node in graph.nodes:
         value_src.update({v: (n_in + node.id, k) for k, v in enumerate(node.outputs)})
     root_of = list(range(len(units)))
-    follow = [np.arange(len(s)) for s in units]
+    own: dict = {}  # copies of an operation share their strategies, hence one arange
+    follow = [own.setdefault(id(s), np.arange(len(s))) for s in units]
     followed = [None] * len(units)
     rtime = _reshard_time(mesh, hw)
     weak = weak_values(graph)
     best = _FollowCache(rtime)
+    maps: dict = {}  # copies of a chain repeat the same map: computed once per signature
     for node in graph.nodes:
         u, pos = n_in + node.id, _followed_operand(graph, node, weak)
         if pos is None:
             continue
         v = node.inputs[pos]
         p_unit, idx = value_src[v]
-        root = root_of[p_unit]
         nbytes = graph.values[v].nbytes
-        have = [units[p_unit][k].out_specs[idx] for k in follow[p_unit]]
-        follow[u] = np.array([best(units[u], pos, spec, nbytes) for spec in have])
-        root_of[u], followed[u] = root, pos
+        key = (id(units[u]), pos, id(units[p_unit]), idx, id(follow[p_unit]), nbytes)
+        if key not in maps:
+            have = [units[p_unit][k].out_specs[idx] for k in follow[p_unit]]
+            maps[key] = np.array([best(units[u], pos, spec, nbytes) for spec in have])
+        follow[u] = maps[key]
+        root_of[u], followed[u] = root_of[p_unit], pos
     roots = tuple(u for u in range(len(units)) if root_of[u] == u)
     return Problem(
         graph,
@@ -122,7 +126,11 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
     )
 
 
+@functools.lru_cache(maxsize=8)
 def _reshard_time(mesh: MeshDesc, hw: Hardware):
+    """Resharding time per (source spec, target spec, bytes) on a mesh, memoised (one
+    table per mesh and hardware, shared by follower merging and the request)."""
+
     @functools.cache
     def rt(src, dst, nbytes):
         return coll.total_time(reshard(src, dst, nbytes, mesh), mesh, hw)
@@ -192,19 +200,20 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
             # a parameter gathered for a matmul can be prefetched behind earlier compute
             hidden = v in inputs and node_u.name in CONTRACTIONS
             scale = weight * (1 - problem.hw.prefetch_overlap) if hidden else weight
-            src_root = problem.root_of[problem.value_src[v][0]]
-            have = [problem.spec_of(v, j) for j in range(len(problem.units[src_root]))]
-            want = [strategies[k].in_specs[pos] for k in fol]
-            if src_root == root:
-                costs[node[root]] += scale * np.array(
-                    [rtime(a, b, nbytes) for a, b in zip(have, want, strict=True)]
-                )
+            src, idx = problem.value_src[v]
+            src_root = problem.root_of[src]
+            # copies of an operation read copies of the same producer: keyed by identity
+            sig = (id(problem.units[src]), idx, id(problem.follow[src]), id(strategies))
+            sig += (pos, id(fol), nbytes, scale, src_root == root)
+            if sig not in made:
+                args = (strategies, fol, pos, rtime, scale, src_root == root, made)
+                made[sig] = _operand_cost(problem, v, *args)
+            if made[sig] is None:
                 continue
-            key = (tuple(have), tuple(want), nbytes, scale)
-            if key not in made:
-                made[key] = _edge(have, want, functools.partial(_sized, rtime, nbytes, scale))
-            if made[key] is not None:
-                edges.append(Edge(node[src_root], node[root], *made[key]))
+            if src_root == root:
+                costs[node[root]] += made[sig]
+            else:
+                edges.append(Edge(node[src_root], node[root], *made[sig]))
     pairs = [(g.inputs[i], g.outputs[o]) for i, o in g.ties] + list(g.value_ties)
     ties = [_tie(problem, node, vi, vo) for vi, vo in pairs]
     return SolverRequest(
@@ -214,6 +223,22 @@ def build_request(problem: Problem, time_limit: float) -> SolverRequest:
         time_limit,
         _fused_latencies(problem, node),
     )
+
+
+def _operand_cost(problem: Problem, v, strategies, fol, pos, rtime, scale, same, made):
+    """Resharding cost of one operand: with `same` (producer and reader share a root)
+    an array per strategy of that root, else the edge between the two ILP nodes
+    (None if it costs nothing). made: edges by their (have, want) layouts."""
+    nbytes = problem.graph.values[v].nbytes
+    src_root = problem.root_of[problem.value_src[v][0]]
+    have = [problem.spec_of(v, j) for j in range(len(problem.units[src_root]))]
+    want = [strategies[k].in_specs[pos] for k in fol]
+    if same:
+        return scale * np.array([rtime(a, b, nbytes) for a, b in zip(have, want, strict=True)])
+    key = (tuple(have), tuple(want), nbytes, scale)
+    if key not in made:
+        made[key] = _edge(have, want, functools.partial(_sized, rtime, nbytes, scale))
+    return made[key]
 
 
 def _fused_latencies(problem: Problem, node) -> tuple[SharedCost, ...]:

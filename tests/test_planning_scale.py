@@ -133,3 +133,45 @@ def test_timed_out_solver_still_returns_a_plan_within_budget():
             time_limit=1e-9,
         )  # fmt: skip
         assert_close(out, ref, atol=ADAM_ATOL)
+
+
+def test_compute_floor_bounds_every_plan_from_below(gpt4_graph):
+    g = gpt4_graph
+    infos = search.op_infos(g)
+    for shape in ((8,), (2, 4)):
+        mesh = candidate_meshes(shape, jax.devices(), CPU)[0]
+        mp, _ = search.search(g, [mesh], CPU, 60.0, None)
+        desc = search.MeshDesc(shape, tuple(mesh.axis_names))
+        floor = search.compute_floor(g, infos, desc, CPU)
+        assert 0 < floor <= mp.result.objective * (1 + 1e-9)
+
+
+class _Shape:
+    def __init__(self, *sizes):
+        self.axis_sizes = sizes
+
+
+def test_many_devices_build_a_bounded_number_of_meshes(monkeypatch):
+    shapes = search.candidate_shapes(1024)
+    meshes = [_Shape(*s) for s in shapes]
+    floors = [float(i % 7) for i in range(len(meshes))]
+    order = search.mesh_order(meshes, floors)
+    ranks = [len(meshes[i].axis_sizes) for i in order]
+    assert len(shapes) == 46 and ranks == [1] + [2] * 6 + [3] * 3
+    # per number of axes, the lowest floors, in the given order
+    three = [i for i in order if len(meshes[i].axis_sizes) == 3]
+    rest = [i for i in range(len(meshes)) if len(shapes[i]) == 3 and i not in three]
+    assert three == sorted(three) and max(floors[i] for i in three) <= min(floors[i] for i in rest)
+    monkeypatch.setattr(search, "MESHES_PER_RANK", (1, 2, 0))
+    assert [len(meshes[i].axis_sizes) for i in search.mesh_order(meshes, floors)] == [1, 2, 2]
+
+
+def test_a_mesh_no_plan_fits_on_is_ruled_out_by_its_memory_floor(gpt4_graph):
+    g = gpt4_graph
+    mesh = candidate_meshes((8,), jax.devices(), CPU)[0]
+    free, _ = search.search(g, [mesh], CPU, 60.0, None)
+    peak = free.memory()["total"]
+    mp = search.solve_on_mesh(g, mesh, CPU, 60.0, peak / 50, colours=unit_colours(g))
+    assert mp.result.status == "infeasible" and mp.memory_floor > peak / 50
+    least, _ = search.least_memory(mp)
+    assert mp.memory_floor <= least * (1 + 1e-4)  # a lower bound on what plans reach
