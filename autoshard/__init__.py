@@ -9,7 +9,7 @@ from importlib import metadata as _metadata
 from autoshard import checkpoint, report
 from autoshard.api import Parallelized, parallelize
 from autoshard.cost_model.hardware import PRESETS, Hardware, Level
-from autoshard.hlo import Collective, collectives, parse_collectives
+from autoshard.hlo import Collective, collectives, compiled_memory, parse_collectives
 from autoshard.pipeline import Pipeline, PipelineError
 from autoshard.plan import Cost, Plan, SolverStats
 from autoshard.remat import RematChoice
@@ -36,6 +36,7 @@ __all__ = [
     "SolverStats",
     "checkpoint",
     "collectives",
+    "compiled_memory",
     "parallelize",
     "parse_collectives",
     "report",

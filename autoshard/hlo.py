@@ -389,3 +389,23 @@ def collectives(compiled) -> dict[str, tuple[int, int]]:
         count, total = out.get(c.kind, (0, 0))
         out[c.kind] = (count + 1, total + c.bytes)
     return out
+
+
+def compiled_memory(compiled) -> int:
+    """Per-device bytes a compiled program needs, from ``memory_analysis()``: arguments,
+    outputs that do not reuse a donated argument's buffer, and temporaries. This is the
+    figure ``plan.cost.memory["total"]`` predicts.
+
+    Args:
+      compiled: a ``jax.stages.Compiled``.
+
+    Example:
+      >>> autoshard.compiled_memory(step.lower(state, batch).compile())  # doctest: +SKIP
+    """
+    m = compiled.memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )

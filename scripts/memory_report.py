@@ -23,15 +23,6 @@ CASES = [
 FRACTIONS = (None, 1.0, 0.8, 0.7, 0.6, 0.5, 0.4)
 
 
-def compiled_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
-
 
 def describe(plan) -> str:
     split = [e for e in plan.inputs if any(e.spec)]
@@ -63,7 +54,7 @@ def main() -> None:
                 continue
             predicted = plan.cost.memory["total"]
             free = predicted if free is None else free
-            compiled = compiled_bytes(step.lower(s.state, s.batch).compile())
+            compiled = autoshard.compiled_memory(step.lower(s.state, s.batch).compile())
             print(
                 f"| {label} | {describe(plan)} | {predicted / kib:.0f} KiB | "
                 f"{compiled / kib:.0f} KiB | {predicted / compiled:.2f} | "

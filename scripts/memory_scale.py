@@ -64,15 +64,6 @@ CASES = [
 ]
 
 
-def compiled_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
-
 
 def measure(setup, config, batch):
     s = abstract_setup(setup, config, batch)
@@ -97,7 +88,7 @@ def main(pattern: str = "") -> None:
             continue
         plan, compiled, tp, tc = measure(setup, config, batch)
         m = compiled.memory_analysis()
-        pred, comp = plan.cost.memory["total"], compiled_bytes(compiled)
+        pred, comp = plan.cost.memory["total"], autoshard.compiled_memory(compiled)
         print(
             f"| {name} | {pred / mib:.1f} | {comp / mib:.1f} | {pred / comp:.2f} | "
             f"{m.argument_size_in_bytes / mib:.1f} | {m.temp_size_in_bytes / mib:.1f} | "

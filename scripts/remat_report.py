@@ -44,13 +44,7 @@ CASES = [
 
 
 def compiled_bytes(step, s) -> int:
-    m = step.lower(s.state, s.batch).compile().memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
+    return autoshard.compiled_memory(step.lower(s.state, s.batch).compile())
 
 
 def plan_with(s, budget, remat):

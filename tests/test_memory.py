@@ -3,7 +3,7 @@ budget constraint (ZeRO/FSDP when memory demands it), and the error when no plan
 
 import jax
 import pytest
-from util import ADAM_ATOL, CPU, assert_close, compiled_vs_predicted
+from util import ADAM_ATOL, CPU, assert_close, compiled_bytes, compiled_vs_predicted
 
 import autoshard
 from autoshard.cost_model.memory import dfs_order, live_peak
@@ -12,17 +12,6 @@ from autoshard.models import gpt, mlp
 # the same, with reduce-scatters in the strategy space (autoshard emits them itself)
 CPU_RS = CPU.with_(reduce_scatter=True)
 
-
-def compiled_bytes(step, *args) -> int:
-    """Per-device bytes of the compiled program: arguments, outputs that do not reuse
-    a donated argument, temporaries."""
-    m = step.lower(*args).compile().memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
 
 
 def _split(plan, kind):

@@ -10,16 +10,6 @@ from autoshard.models import gpt, gpt_scan
 from autoshard.models.common import abstract_setup
 
 
-def compiled_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
-
-
 def test_an_in_place_result_takes_its_dying_operand_s_buffer():
     # op0 -> v0, op1: v0 -> v1 (elementwise, v0's last reader), op2: v1 -> v2
     produced, consumed = [[0], [1], [2]], [[], [0], [1]]
@@ -41,6 +31,6 @@ def test_a_scanned_model_s_stacked_residuals_are_predicted():
     plan = step.plan(s.state, s.batch)
     assert any(e.spec for e in plan.inputs)  # the plan splits something
     compiled = step.lower(s.state, s.batch).compile()
-    measured = compiled_bytes(compiled)
+    measured = autoshard.compiled_memory(compiled)
     assert compiled.memory_analysis().temp_size_in_bytes > 2 * plan.cost.memory["arguments"]
     assert plan.cost.memory["total"] == pytest.approx(measured, rel=0.15)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from util import ADAM_ATOL, CPU, assert_close, assert_sharded
+from util import ADAM_ATOL, CPU, assert_close, assert_sharded, compiled_bytes
 
 import autoshard
 from autoshard import remat
@@ -13,16 +13,6 @@ from autoshard.models import gpt_scan
 from autoshard.models import residual_stack as rs
 from autoshard.passes import remat as rewrite
 from autoshard.passes.trace import trace
-
-
-def compiled_bytes(step, *args) -> int:
-    m = step.lower(*args).compile().memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
 
 
 def _run(closed):

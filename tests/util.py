@@ -134,3 +134,7 @@ jax.monitoring.register_event_duration_secs_listener(_on_event)
 def compiles() -> int:
     """Backend compilations so far in this process (jax.monitoring's compile event)."""
     return _compiles[0]
+
+def compiled_bytes(step, *args) -> int:
+    """Per-device bytes of the step's compiled program (autoshard.compiled_memory)."""
+    return autoshard.compiled_memory(step.lower(*args).compile())
