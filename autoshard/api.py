@@ -509,34 +509,13 @@ def parallelize(
       >>> w.shape
       (8, 4)
     """
-    if fn is None:
-        return lambda f: parallelize(
-            f,
-            mesh=mesh,
-            hardware=hardware,
-            donate_argnums=donate_argnums,
-            time_limit=time_limit,
-            devices=devices,
-            memory_budget=memory_budget,
-            static_argnums=static_argnums,
-            static_argnames=static_argnames,
-            donate_argnames=donate_argnames,
-            in_shardings=in_shardings,
-            out_shardings=out_shardings,
-            pipeline=pipeline,
-            verbose=verbose,
-            cache=cache,
-            cache_dir=cache_dir,
-            remat=remat,
-        )
-    return Parallelized(
-        fn,
-        mesh,
-        hardware,
-        donate_argnums,
-        time_limit,
-        devices,
-        memory_budget,
+    options = dict(
+        mesh=mesh,
+        hardware=hardware,
+        donate_argnums=donate_argnums,
+        time_limit=time_limit,
+        devices=devices,
+        memory_budget=memory_budget,
         static_argnums=static_argnums,
         static_argnames=static_argnames,
         donate_argnames=donate_argnames,
@@ -548,3 +527,6 @@ def parallelize(
         cache_dir=cache_dir,
         remat=remat,
     )
+    if fn is None:  # used as @parallelize(...)
+        return lambda f: Parallelized(f, **options)
+    return Parallelized(fn, **options)
