@@ -43,10 +43,9 @@ def test_stack_loops_found_forward_and_backward():
     assert bwd.out_kinds[0] == BATCH and set(bwd.out_kinds[1:]) == {SUM}
 
 
-def test_forced_gpipe_equals_jit(tmp_path):
-    s = _setup()
-    pipe = autoshard.Pipeline(stages=4, microbatches=8, schedule="gpipe")
-    step = autoshard.parallelize(s.train_step, mesh=(4, 2), hardware=CPU, pipeline=pipe)
+
+def _assert_two_steps_equal_jit(step, s):
+    """Two pipelined steps equal two jax.jit steps of the same train step (fp32)."""
     ref = jax.jit(s.train_step)
     a = b = s.state
     for _ in range(2):
@@ -54,6 +53,13 @@ def test_forced_gpipe_equals_jit(tmp_path):
         b, mb = ref(b, s.batch)
     assert _max_err(a, b) <= 1e-5
     np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+
+
+def test_forced_gpipe_equals_jit(tmp_path):
+    s = _setup()
+    pipe = autoshard.Pipeline(stages=4, microbatches=8, schedule="gpipe")
+    step = autoshard.parallelize(s.train_step, mesh=(4, 2), hardware=CPU, pipeline=pipe)
+    _assert_two_steps_equal_jit(step, s)
     plan = step.plan(s.state, s.batch)
     pl = plan.pipeline
     assert (pl.stages, pl.microbatches, pl.schedule, pl.axis) == (4, 8, "gpipe", "x")
@@ -130,13 +136,8 @@ def test_forced_1f1b_equals_jit_with_fewer_live_residuals():
         )
         for sched in ("gpipe", "1f1b")
     }
-    step, ref = steps["1f1b"], jax.jit(s.train_step)
-    a = b = s.state
-    for _ in range(2):
-        a, ma = step(a, s.batch)
-        b, mb = ref(b, s.batch)
-    assert _max_err(a, b) <= 1e-5
-    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+    step = steps["1f1b"]
+    _assert_two_steps_equal_jit(step, s)
     pl = step.plan(s.state, s.batch).pipeline
     assert (pl.stages, pl.microbatches, pl.schedule) == (4, 8, "1f1b")
     compiled = {k: f.lower(s.state, s.batch).compile() for k, f in steps.items()}
