@@ -184,6 +184,13 @@ def user_pins(call: Call, traced: Traced, graph: OpGraph, in_shardings, out_shar
     out_prefix = (out_shardings, None) if call.graphdef is not None else out_shardings
     out_shape = jax.tree_util.tree_unflatten(traced.out_tree, list(traced.out_avals))
     flat_out = flat_pins(out_prefix, out_shape, "out_shardings", "the step's output")
+    if len(flat_in) != len(graph.inputs):
+        raise ValueError(
+            f"autoshard: in_shardings gives {len(flat_in)} leaf pins but the step's arguments "
+            f"have {len(graph.inputs)} array leaves: give a pytree prefix of the arguments "
+            "(None, a PartitionSpec or a NamedSharding per subtree), e.g. one entry per "
+            "argument, rather than a tree built over non-array fields."
+        )
     ins = zip(graph.inputs, traced.in_paths, flat_in, strict=True)
     outs = zip(graph.outputs, traced.out_paths, flat_out, strict=True)
     return Pins(tuple(ins), tuple(outs))
