@@ -18,6 +18,7 @@ case "${1:-}" in
   demo) shift; exec .venv/bin/python demo.py "$@" ;;
   test) shift
         .venv/bin/ruff check .
-        exec .venv/bin/python -m pytest -q "$@" ;;
+        # Two workers: the CI machine has 2 cores (AUTOSHARD_TEST_WORKERS=0 runs in one process).
+        exec .venv/bin/python -m pytest -q -n "${AUTOSHARD_TEST_WORKERS:-2}" "$@" ;;
   *) echo "usage: bash scripts/dev.sh demo|test [args]" >&2; exit 2 ;;
 esac
