@@ -150,8 +150,15 @@ class Parallelized:
             if key:
                 _cache.store(self.cache_dir, key, plan)
         else:  # under jax.distributed, process 0 plans and every process runs its plan
-            solve = lambda: self._planned(lambda: (self._solve(base, t0)[0], base))[0]
-            plan, chosen = _distributed.agree(solve, base.graph, self.devices), base
+            forms = {}
+
+            def graph_for(choice):
+                forms["chosen"] = self._rematerialised(call, base, choice)
+                return forms["chosen"].graph
+
+            solve = lambda: self._planned(lambda: self._solve_remat(call, base, t0))[0]
+            plan = _distributed.agree(solve, base.graph, self.devices, graph_for)
+            chosen = forms["chosen"]
         return (plan, *self._build(call, chosen, plan))
 
     def _planned(self, solve):

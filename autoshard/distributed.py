@@ -32,12 +32,10 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-from jax.sharding import PartitionSpec
 
-from autoshard.cost_model.pipeline import PipelineChoice
 from autoshard.passes.annotate import Layout
 from autoshard.passes.graph import Lit, OpGraph
-from autoshard.plan import Cost, Entry, Plan, SolverStats
+from autoshard.plan import Plan
 from autoshard.search import MemoryBudgetError
 
 # Seconds a process waits for process 0's plan before giving up (planning a large
@@ -57,7 +55,7 @@ class PlanTimeoutError(RuntimeError):
     """The planning process did not publish the plan this process waits for in time."""
 
 
-def agree(solve: Callable[[], Plan], graph: OpGraph, devices) -> Plan:
+def agree(solve: Callable[[], Plan], graph: OpGraph, devices, graph_for=None) -> Plan:
     """The plan every process runs: `solve()` on one process, shared with the others.
 
     With one process, or devices all of this process, this is `solve()`. Otherwise
@@ -69,6 +67,8 @@ def agree(solve: Callable[[], Plan], graph: OpGraph, devices) -> Plan:
       solve: plans the step on this process (called on the publishing process only).
       graph: the step's graph, the same on every process.
       devices: the devices the step is planned over.
+      graph_for: given the plan's `RematChoice` (or None), the graph of the form of
+        the step the plan runs (see `decode`); default: `graph`.
 
     Returns:
       The Plan, decoded from the published bytes on every process.
@@ -94,7 +94,7 @@ def agree(solve: Callable[[], Plan], graph: OpGraph, devices) -> Plan:
         client.key_value_set_bytes(key, data)
     else:
         data = _wait(client, key, leader)
-    return decode(data, graph)
+    return decode(data, graph, graph_for)
 
 
 def _client():
@@ -172,27 +172,16 @@ def _ref(r) -> object:
 
 
 def encode(plan: Plan) -> bytes:
-    """The plan as compressed JSON, with everything `decode` needs to rebuild it.
+    """The plan as compressed JSON, with everything `decode` needs to rebuild it: the
+    plan's own JSON document, the ids of the mesh's devices and the layout.
 
     Example:
       >>> decode(encode(plan), graph).in_specs == plan.in_specs   # doctest: +SKIP
       True
     """
-    mesh = plan.mesh
-    doc = {
-        "mesh": {
-            "shape": list(mesh.devices.shape),
-            "names": list(mesh.axis_names),
-            "ids": [int(d.id) for d in mesh.devices.flat],
-        },
-        "in_specs": [_spec(e.spec) for e in plan.inputs],
-        "out_specs": [_spec(s) for s in jax.tree_util.tree_leaves(plan.out_specs, is_leaf=_is_p)],
-        "inputs": [[e.path, list(e.shape), e.dtype] for e in plan.inputs],
-        "cost": dataclasses.asdict(plan.cost),
-        "solver": dataclasses.asdict(plan.solver),
-        "layout": dataclasses.asdict(plan.layout),
-        "pipeline": dataclasses.asdict(plan.pipeline) if plan.pipeline else None,
-    }
+    doc = plan.to_doc()
+    doc["mesh"]["ids"] = [int(d.id) for d in plan.mesh.devices.flat]
+    doc["layout"] = dataclasses.asdict(plan.layout)
     return zlib.compress(json.dumps(doc).encode())
 
 
@@ -201,14 +190,23 @@ def _encode_error(e: Exception) -> bytes:
     return zlib.compress(json.dumps(doc).encode())
 
 
-def decode(data: bytes, graph: OpGraph) -> Plan:
+def decode(data: bytes, graph: OpGraph, graph_for=None) -> Plan:
     """The Plan that `encode` wrote, on this process's devices and traced step.
+
+    Args:
+      data: what `encode` wrote.
+      graph: the step's graph as this process traced it.
+      graph_for: given the plan's `RematChoice` (or None), the graph of the form of the
+        step the plan runs (the layout describes that graph); default: `graph`.
 
     Example:
       >>> decode(encode(plan), graph).mesh.shape == plan.mesh.shape   # doctest: +SKIP
       True
     """
     doc = json.loads(zlib.decompress(data))
+    plan = Plan.from_doc(doc, _mesh(doc["mesh"]))
+    if graph_for is not None:
+        graph = graph_for(plan.remat)
     traced = graph.traced
     layout = Layout(**{k: _tuples(v) for k, v in doc["layout"].items()})
     if len(layout.value_specs) != len(graph.values) or len(doc["inputs"]) != len(traced.in_avals):
@@ -216,26 +214,9 @@ def decode(data: bytes, graph: OpGraph) -> Plan:
             "autoshard: the plan published by another process does not fit the step this process "
             "traced: every process must run the same step on arguments of the same shapes."
         )
-    in_flat = [_from_spec(s) for s in doc["in_specs"]]
-    out_flat = [_from_spec(s) for s in doc["out_specs"]]
-    cost = dict(doc["cost"])
-    cost["collectives"] = {k: tuple(v) for k, v in cost["collectives"].items()}
-    solver = dict(doc["solver"])
-    solver["mesh_shape"] = tuple(solver["mesh_shape"])
-    entries = tuple(
-        Entry(path, tuple(shape), dtype, s)
-        for (path, shape, dtype), s in zip(doc["inputs"], in_flat, strict=True)
-    )
-    return Plan(
-        _mesh(doc["mesh"]),
-        jax.tree_util.tree_unflatten(traced.in_tree, in_flat),
-        jax.tree_util.tree_unflatten(traced.out_tree, out_flat),
-        Cost(**cost),
-        SolverStats(**solver),
-        entries,
-        layout,
-        PipelineChoice(**doc["pipeline"]) if doc.get("pipeline") else None,
-    )
+    in_specs = jax.tree_util.tree_unflatten(traced.in_tree, plan.in_specs)
+    out_specs = jax.tree_util.tree_unflatten(traced.out_tree, plan.out_specs)
+    return dataclasses.replace(plan, in_specs=in_specs, out_specs=out_specs, layout=layout)
 
 
 def _mesh(doc: dict) -> jax.sharding.Mesh:
@@ -251,18 +232,6 @@ def _mesh(doc: dict) -> jax.sharding.Mesh:
     names = tuple(doc["names"])
     types = (jax.sharding.AxisType.Auto,) * len(names)
     return jax.sharding.Mesh(devices, names, axis_types=types)
-
-
-def _is_p(x) -> bool:
-    return isinstance(x, PartitionSpec)
-
-
-def _spec(p: PartitionSpec) -> list:
-    return [list(d) if isinstance(d, tuple) else d for d in p]
-
-
-def _from_spec(d: list) -> PartitionSpec:
-    return PartitionSpec(*[tuple(x) if isinstance(x, list) else x for x in d])
 
 
 def _tuples(x):

@@ -145,7 +145,11 @@ class Plan:
 
     def to_json(self) -> str:
         """The plan as JSON: mesh shape and names, specs, costs, solver stats."""
-        doc = {
+        return json.dumps(self.to_doc(), indent=1)
+
+    def to_doc(self) -> dict:
+        """The plan as a JSON-ready dict (what `to_json` writes, `from_doc` reads)."""
+        return {
             "mesh": {
                 "shape": list(self.mesh.axis_sizes),
                 "names": list(self.mesh.axis_names),
@@ -167,7 +171,6 @@ class Plan:
             "pipeline": asdict(self.pipeline) if self.pipeline else None,
             "remat": asdict(self.remat) if self.remat else None,
         }
-        return json.dumps(doc, indent=1)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -190,9 +193,15 @@ class Plan:
             mesh = jax.make_mesh(
                 shape, names, axis_types=types, devices=devices[: math.prod(shape)]
             )
-        cost = doc["cost"]
+        return cls.from_doc(doc, mesh)
+
+    @classmethod
+    def from_doc(cls, doc: dict, mesh, in_specs=None, out_specs=None, layout=None) -> Plan:
+        """The plan `to_doc` described, on `mesh`. Specs come back as flat lists unless
+        `in_specs` / `out_specs` (pytrees) are given; `layout` is not part of the doc."""
+        cost = dict(doc["cost"])
         cost["collectives"] = {k: tuple(v) for k, v in cost["collectives"].items()}
-        solver = doc["solver"]
+        solver = dict(doc["solver"])
         solver["mesh_shape"] = tuple(solver["mesh_shape"])
         entries = tuple(
             Entry(e["path"], tuple(e["shape"]), e["dtype"], _spec_from_json(e["spec"]))
@@ -200,11 +209,12 @@ class Plan:
         )
         return cls(
             mesh,
-            _specs_from_json(doc["in_specs"]),
-            _specs_from_json(doc["out_specs"]),
+            specs_from_json(doc["in_specs"]) if in_specs is None else in_specs,
+            specs_from_json(doc["out_specs"]) if out_specs is None else out_specs,
             Cost(**cost),
             SolverStats(**solver),
             entries,
+            layout,
             pipeline=PipelineChoice(**doc["pipeline"]) if doc.get("pipeline") else None,
             remat=_remat_from_json(doc.get("remat")),
         )
@@ -237,6 +247,6 @@ def _specs_to_json(tree) -> dict:
     return {"leaves": [_spec_json(p) for p in leaves], "treedef": str(treedef)}
 
 
-def _specs_from_json(doc) -> list:
+def specs_from_json(doc) -> list:
     """Saved spec pytrees come back as a flat list (pytree classes are not portable)."""
     return [_spec_from_json(p) for p in doc["leaves"]]

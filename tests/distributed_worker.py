@@ -9,8 +9,9 @@ unchanged: first on inputs as built (the state on this process, the whole batch 
 numpy), then on global arrays (the state the step returned, the batch built from this
 process's rows with jax.make_array_from_process_local_data in the plan's sharding).
 Then it trains the tiny MLP as Flax NNX objects (model and optimizer mutated by the
-step). Writes what it saw to OUT_DIR/process{PROCESS_ID}.json and the fetched outputs
-to OUT_DIR/process{PROCESS_ID}_{case}.npz.
+step), and a scanned residual stack with its layers rematerialised. Writes what it
+saw to OUT_DIR/process{PROCESS_ID}.json and the fetched outputs to
+OUT_DIR/process{PROCESS_ID}_{case}.npz.
 """
 
 from __future__ import annotations
@@ -152,6 +153,36 @@ def train_nnx(pid: int, out: str) -> dict:
     return {"plan": plan.to_json(), "solve_count": sharded.solve_count}
 
 
+def remat_setup():
+    """(setup, parallelize kwargs): a scanned residual stack planned with its layers
+    rematerialised, the same in every process."""
+    from autoshard.models import residual_stack as rs
+
+    s = rs.setup(rs.StackConfig(32, 64, 4), batch_size=64)
+    return s, {"mesh": MESH, "remat": "layers"}
+
+
+def train_remat(pid: int, out: str) -> dict:
+    """The rematerialised stack: every process runs the step process 0 chose, remat
+    included (its layout belongs to the rematerialised step's graph)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    import autoshard
+
+    s, kwargs = remat_setup()
+    step = autoshard.parallelize(s.train_step, **kwargs)
+    state, losses = s.state, []
+    for _ in range(STEPS):
+        state, metrics = step(state, s.batch)
+        losses.append(metrics["loss"])
+    fetched = multihost_utils.process_allgather((state, losses), tiled=True)
+    leaves = {f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(fetched))}
+    np.savez(os.path.join(out, f"process{pid}_remat.npz"), **leaves)
+    plan = step.plan(s.state, s.batch)
+    return {"plan": plan.to_json(), "solve_count": step.solve_count}
+
+
 def errors(pid: int) -> dict:
     """What each process raises when planning fails or process 0 never plans."""
     import autoshard
@@ -185,6 +216,7 @@ def main(pid: int, port: int, out: str) -> None:
     )
     doc = {case: train(case, pid, out) for case in CASES}
     doc["nnx"] = train_nnx(pid, out)
+    doc["remat"] = train_remat(pid, out)
     doc.update(errors(pid), total_s=time.perf_counter() - t0)
     with open(os.path.join(out, f"process{pid}.json"), "w") as f:
         json.dump(doc, f)

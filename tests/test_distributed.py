@@ -88,6 +88,15 @@ def _nnx_reference():
     return nnx.state(model, nnx.Param), losses
 
 
+def _assert_fetched(pattern: Path, ref) -> None:
+    """What each process fetched (pattern.format(process)) equals the reference."""
+    flat_ref, tree = jax.tree.flatten(ref)
+    for i in range(2):
+        with np.load(str(pattern).format(i)) as npz:
+            out = jax.tree.unflatten(tree, [npz[f"leaf{k}"] for k in range(len(flat_ref))])
+        assert_close(out, ref, atol=2e-6)
+
+
 def test_two_processes_agree_and_match_single_device(tmp_path):
     reports, seconds = _run_job(tmp_path)
     print(f"2-process job: {seconds:.1f} s")
@@ -99,24 +108,25 @@ def test_two_processes_agree_and_match_single_device(tmp_path):
         assert [r["solve_count"] for r in got] == [1, 0]
         assert json.loads(got[0]["plan"])["mesh"]["shape"] == [2, 4]
         # every process fetched the single-device step's results
-        ref = _reference(case)
-        flat_ref, tree = jax.tree.flatten(ref)
-        for i in range(2):
-            with np.load(tmp_path / f"process{i}_{case}.npz") as npz:
-                out = jax.tree.unflatten(tree, [npz[f"leaf{k}"] for k in range(len(flat_ref))])
-            assert_close(out, ref, atol=2e-6)
+        _assert_fetched(tmp_path / f"process{{}}_{case}.npz", _reference(case))
     # Flax NNX objects passed to the step: updated in place with global arrays
     nnx_plans = [r["nnx"]["plan"] for r in reports]
     assert nnx_plans[0] == nnx_plans[1]
     assert [r["nnx"]["solve_count"] for r in reports] == [1, 0]
     inputs = json.loads(nnx_plans[0])["inputs"]
     assert any(any(d is not None for d in e["spec"]) for e in inputs), inputs
-    ref = _nnx_reference()
-    flat_ref, tree = jax.tree.flatten(ref)
-    for i in range(2):
-        with np.load(tmp_path / f"process{i}_nnx.npz") as npz:
-            out = jax.tree.unflatten(tree, [npz[f"leaf{k}"] for k in range(len(flat_ref))])
-        assert_close(out, ref, atol=2e-6)
+    _assert_fetched(tmp_path / "process{}_nnx.npz", _nnx_reference())
+    # a rematerialised step: the choice travels with the plan and every process runs it
+    remat_plans = [json.loads(r["remat"]["plan"]) for r in reports]
+    assert remat_plans[0] == remat_plans[1]
+    assert remat_plans[0]["remat"]["policy"] == "nothing_saveable"
+    assert [r["remat"]["solve_count"] for r in reports] == [1, 0]
+    s, _ = distributed_worker.remat_setup()
+    state, losses = s.state, []
+    for _ in range(distributed_worker.STEPS):
+        state, metrics = jax.jit(s.train_step)(state, s.batch)
+        losses.append(metrics["loss"])
+    _assert_fetched(tmp_path / "process{}_remat.npz", (state, losses))
     # the plans split: the batch over both processes; the weights across them
     data, hybrid = reports[0]["data"]["split"], reports[0]["hybrid"]["split"]
     assert data["batch['x']"] == [["x", "y"]], data
