@@ -150,3 +150,33 @@ def test_gqa_attention_is_split_by_heads():
 def test_multi_query_attention_is_split_by_heads():
     step, state, batch = _abstract_setup(llama.tiny(n_kv_heads=1, **GQA), 1)
     _assert_head_split(autoshard.parallelize(step, mesh=(8,), hardware=CPU).plan(state, batch))
+
+
+def _grads(config, batch):
+    from flax import nnx
+
+    graphdef, params = nnx.split(llama.Llama(config, nnx.Rngs(0)), nnx.Param)
+    loss = lambda p: llama.loss_fn(nnx.merge(graphdef, p), batch)  # noqa: E731
+    return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_flash_attention_and_chunked_loss_match_plain(scan):
+    plain = llama.tiny(scan_layers=scan, head_dim=8)
+    blockwise = llama.tiny(
+        scan_layers=scan, head_dim=8, attention="flash", flash_block=4, loss_chunk=4
+    )
+    batch = llama.synthetic_batch(plain, 2, jax.random.key(1))
+    with jax.default_matmul_precision("highest"):
+        ref, out = _grads(plain, batch), _grads(blockwise, batch)
+    assert_close(out, ref, atol=2e-6)
+
+
+def test_scanned_flash_llama_matches_single_device():
+    cfg = llama.tiny(scan_layers=True, attention="flash", flash_block=8, loss_chunk=8)
+    s = llama.setup(cfg, batch_size=8)
+    assert s.state.params["blocks"]["mlp"]["w_up"]["kernel"].shape == (2, 64, 128)
+    out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=(2, 4), hardware=CPU)
+    assert_close(out[1], ref[1], atol=1e-5)
+    assert_close(out[0], ref[0], atol=ADAM_ATOL)
+    assert any(tuple(e.spec) for e in step.plan(s.state, s.batch).inputs)  # a split plan
