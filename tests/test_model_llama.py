@@ -157,14 +157,14 @@ def _grads(config, batch):
 
     graphdef, params = nnx.split(llama.Llama(config, nnx.Rngs(0)), nnx.Param)
     loss = lambda p: llama.loss_fn(nnx.merge(graphdef, p), batch)  # noqa: E731
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
-def test_flash_attention_and_chunked_loss_match_plain(scan):
-    plain = llama.tiny(scan_layers=scan, head_dim=8)
+def test_flash_attention_and_chunked_loss_match_plain():
+    # scanned layers, head_dim 8 != d_model / n_heads; loss and every gradient agree
+    plain = llama.tiny(scan_layers=True, head_dim=8)
     blockwise = llama.tiny(
-        scan_layers=scan, head_dim=8, attention="flash", flash_block=4, loss_chunk=4
+        scan_layers=True, head_dim=8, attention="flash", flash_block=4, loss_chunk=4
     )
     batch = llama.synthetic_batch(plain, 2, jax.random.key(1))
     with jax.default_matmul_precision("highest"):
