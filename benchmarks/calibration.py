@@ -146,7 +146,7 @@ def observe(anchors) -> list[dict]:
             rows.append({"anchor": a, "reason": NOT_PLANNED[(a.name, a.preset)]})
             continue
         plan, secs, hw = plan_anchor(a, run)
-        priced = cal.Priced.of(plan.cost.time, plan.cost.ops, hw.flops, hw.memory_bandwidth)
+        priced = cal.Priced.from_cost(plan.cost, hw)
         obs = cal.Observation(a, priced, flops_per_device(run))
         print(f"{a.name} on {a.preset}-{a.chips}: planned in {secs:.1f} s, "
               f"{plan.cost.time:.3f} s/step uncalibrated", flush=True)  # fmt: skip

@@ -28,7 +28,7 @@ anchors marked "fit" only; the others are predicted. MFU follows MaxText's
 definition (`maxtext_flops_per_token`): model flops / (step time x peak x chips).
 
 Example:
-  >>> from autoshard.cost_model.hardware import Efficiency
+  >>> from autoshard.cost_model.hardware import Efficiency, Hardware
   >>> p = Priced(ops=((1e12, 0.0),), rest=0.0, flops=1e12, memory_bandwidth=1e12)
   >>> step_time(p, Efficiency(flops=0.5))
   2.0
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
-from autoshard.cost_model.hardware import Efficiency
+from autoshard.cost_model.hardware import Efficiency, Hardware
 
 FIT, HELD_OUT = "fit", "held out"
 # bounds of every factor in the fit: a chip reaching under 5% of anything is not a
@@ -126,8 +126,10 @@ class Priced:
       ops: per operation, (flops, bytes of memory traffic) per device per step
         (`autoshard.Plan.cost.ops`).
       rest: the rest of the predicted step time (collectives, resharding), seconds.
-      flops: peak flops of the device it was planned for.
-      memory_bandwidth: its memory bandwidth, bytes/second.
+      flops: flops/second the plan was priced with (`Hardware.achieved_flops`; the
+        peak for a spec-sheet `Hardware`).
+      memory_bandwidth: memory bytes/second it was priced with
+        (`Hardware.achieved_memory_bandwidth`).
     """
 
     ops: tuple[tuple[float, float], ...]
@@ -136,8 +138,16 @@ class Priced:
     memory_bandwidth: float
 
     @classmethod
+    def from_cost(cls, cost, hw: Hardware) -> Priced:
+        """From a plan's `Cost` (its `time` and `ops`) and the `Hardware` it was planned
+        with. `step_time(Priced.from_cost(plan.cost, hw), e)` is then the plan's step
+        time with `e` applied on top of `hw`'s own efficiency; to price a plan made on
+        spec-sheet speeds with calibrated factors, plan with `hw.uncalibrated()`."""
+        return cls.of(cost.time, cost.ops, hw.achieved_flops, hw.achieved_memory_bandwidth)
+
+    @classmethod
     def of(cls, time: float, ops, flops: float, memory_bandwidth: float) -> Priced:
-        """From a plan's predicted `time` and `ops` on uncalibrated hardware."""
+        """From a plan's predicted `time` and `ops`, priced at these speeds."""
         arr = np.asarray(ops, dtype=float).reshape(-1, 2)
         compute = np.maximum(arr[:, 0] / flops, arr[:, 1] / memory_bandwidth).sum()
         return cls(tuple(map(tuple, arr)), max(time - float(compute), 0.0), flops, memory_bandwidth)

@@ -77,7 +77,7 @@ def test_published_anchors_mark_the_8b_run_held_out():
     assert {cal.FIT, cal.HELD_OUT} == set(roles.values())
 
 
-def test_calibrated_hardware_prices_a_plan_as_repricing_does():
+def test_calibrated_hardware_prices_a_plan_as_repricing_does(tmp_path):
     # every operation flops-bound and collectives nearly free: halving the achieved
     # flops doubles every strategy's cost, so the first plan stays optimal (ties aside),
     # and the calibrated Hardware's prediction is the re-priced one
@@ -89,8 +89,11 @@ def test_calibrated_hardware_prices_a_plan_as_repricing_does():
         for hw in (base, base.with_(efficiency=eff))
     ]
     assert any(tuple(e.spec) for e in plans[0].inputs)  # something is split
-    priced = cal.Priced.of(plans[0].cost.time, plans[0].cost.ops, base.flops, 1e15)
+    priced = cal.Priced.from_cost(plans[0].cost, base)
     assert cal.step_time(priced, Efficiency()) == pytest.approx(plans[0].cost.time)
+    plans[0].save(str(tmp_path / "plan.json"))  # a saved plan can be re-priced too
+    loaded = autoshard.Plan.load(str(tmp_path / "plan.json"))
+    assert cal.Priced.from_cost(loaded.cost, base) == priced
     # within 0.1%: the ILP objective also holds small tie-breaking terms
     assert cal.step_time(priced, eff) == pytest.approx(plans[1].cost.time, rel=1e-3)
     assert plans[1].cost.time > 1.9 * plans[0].cost.time
