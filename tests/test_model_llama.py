@@ -9,7 +9,7 @@ import pytest
 from util import ADAM_ATOL, CPU, assert_close, missing_rules, primitives, run_both, spec_of, train
 
 import autoshard
-from autoshard.models import llama
+from autoshard.models import blockwise, llama
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,9 @@ def test_rotary_is_a_relative_rotation():
     assert not jnp.allclose(scores[0, 1], scores[0, 2], atol=1e-3)
 
 
-def test_docstring_examples():
-    result = doctest.testmod(llama, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [llama, blockwise], ids=["llama", "blockwise"])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
 
@@ -170,6 +171,12 @@ def test_flash_attention_and_chunked_loss_match_plain():
     with jax.default_matmul_precision("highest"):
         ref, out = _grads(plain, batch), _grads(blockwise, batch)
     assert_close(out, ref, atol=2e-6)
+
+
+def test_scanned_flash_step_has_a_rule_for_every_primitive():
+    cfg = llama.tiny(scan_layers=True, attention="flash", flash_block=8, loss_chunk=8)
+    s = llama.setup(cfg, batch_size=2)
+    assert missing_rules(s.train_step, s.state, s.batch) == set()
 
 
 def test_scanned_flash_llama_matches_single_device():
