@@ -135,6 +135,11 @@ class Hardware:
     def __post_init__(self) -> None:
         for field_name in ("flops", "bandwidth", "latency", "memory", "memory_bandwidth"):
             _check_figure(self.name, field_name, getattr(self, field_name))
+        if not isinstance(self.efficiency, Efficiency):
+            raise ValueError(
+                f"Hardware '{self.name}': efficiency={self.efficiency!r} must be an "
+                "autoshard.Efficiency(flops=..., hbm_traffic=..., comm=...)."
+            )
         overlap = self.prefetch_overlap
         if not _is_number(overlap) or not 0.0 <= overlap <= 1.0:
             raise ValueError(

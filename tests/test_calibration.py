@@ -115,6 +115,8 @@ def test_presets_carry_fitted_factors_and_can_drop_them():
     assert autoshard.PRESETS["h100"].efficiency.neutral  # no published anchor fitted it
     with pytest.raises(ValueError, match="comm"):
         Efficiency(comm=0.0)
+    with pytest.raises(ValueError, match="efficiency"):
+        hw.with_(efficiency=0.5)
 
 
 def test_maxtext_flops_match_the_published_tokens_per_second():
