@@ -8,7 +8,7 @@ from importlib import metadata as _metadata
 
 from autoshard import checkpoint, report
 from autoshard.api import Parallelized, parallelize
-from autoshard.cost_model.hardware import PRESETS, Hardware, Level
+from autoshard.cost_model.hardware import PRESETS, Efficiency, Hardware, Level
 from autoshard.hlo import Collective, collectives, compiled_memory, parse_collectives
 from autoshard.pipeline import Pipeline, PipelineError
 from autoshard.plan import Cost, Plan, SolverStats
@@ -25,6 +25,7 @@ __all__ = [
     "PRESETS",
     "Collective",
     "Cost",
+    "Efficiency",
     "Hardware",
     "Level",
     "MemoryBudgetError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from autoshard.cost_model import collectives as coll
@@ -9,6 +10,7 @@ from autoshard.cost_model.resharding import reshard
 from autoshard.mesh_plan import MeshPlan
 from autoshard.passes.annotate import Layout
 from autoshard.passes.graph import Lit, OpGraph
+from autoshard.passes.strategies import op_flops
 
 # XLA fuses independent all-reduces over the same devices into one (its all-reduce
 # combiner runs on every backend); other kinds are counted one by one.
@@ -86,3 +88,28 @@ def comm_time_by_kind(mp, combined) -> dict[str, float]:
     for w, c in combined:
         out[c.kind] = out.get(c.kind, 0.0) + w * coll.total_time([c], mesh, hw)
     return out
+
+
+def roofline(mp: MeshPlan, infos=None) -> tuple[tuple[float, float], ...]:
+    """Per operation of the chosen plan: (flops, bytes of device memory traffic) per
+    device per step, times the iterations it runs, as the planner priced it (its
+    compute time is max(flops / peak, bytes / memory bandwidth) of each). Operations
+    with neither are left out. The calibration (`cost_model.calibration`) re-prices
+    a plan from these without planning it again."""
+    from autoshard.search import op_infos  # search imports this module
+
+    p, g = mp.problem, mp.problem.graph
+    infos = op_infos(g) if infos is None else infos
+    out = []
+    for n, op in zip(g.nodes, infos, strict=True):
+        u = p.node_unit(n.id)
+        st = p.units[u][mp.picks[u]]
+        specs = [s for s in (*st.in_specs, *st.out_specs) if s is not None]
+        used = p.mesh.group(sorted({a for s in specs for d in s for a in d}))
+        sizes = op.fmap.factors
+        shapes = [[math.prod(sizes[f].size for f in d) for d in o] for o in op.fmap.outputs]
+        flops = op_flops(op.primitive, op.fmap, shapes)
+        nbytes = 0.0 if op.fusible else sum(op.in_bytes) + sum(op.out_bytes)
+        if flops or nbytes:
+            out.append((n.weight * flops / used, n.weight * nbytes / used))
+    return tuple(out)

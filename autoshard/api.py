@@ -389,7 +389,8 @@ def _make_plan(mp: _search.MeshPlan, graph, tried, plan_time, out_pins=None) -> 
     compute, comm = _search.times(mp, combined)
     memory = mp.memory()
     by_kind = _search.comm_time_by_kind(mp, combined)
-    cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, memory, by_kind)
+    ops = _search.roofline(mp)
+    cost = Cost(mp.result.objective, compute, comm, comm_bytes, collectives, memory, by_kind, ops)
     r = mp.result
     stats = SolverStats(
         tuple(mp.mesh.axis_sizes),

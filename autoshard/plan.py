@@ -34,6 +34,9 @@ class Cost:
     collectives: dict[str, tuple[int, float]]
     memory: dict[str, float]
     comm_time_by_kind: dict[str, float] = field(default_factory=dict)
+    # per operation: (flops, bytes of memory traffic) per device per step, for re-pricing
+    # the plan on other hardware (autoshard.cost_model.calibration); () when unknown
+    ops: tuple[tuple[float, float], ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class Plan:
         `in_specs` / `out_specs` (pytrees) are given; `layout` is not part of the doc."""
         cost = dict(doc["cost"])
         cost["collectives"] = {k: tuple(v) for k, v in cost["collectives"].items()}
+        cost["ops"] = tuple(tuple(o) for o in cost.get("ops", ()))
         solver = dict(doc["solver"])
         solver["mesh_shape"] = tuple(solver["mesh_shape"])
         entries = tuple(

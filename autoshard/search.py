@@ -17,6 +17,7 @@ from autoshard.accounting import (  # noqa: F401  (re-exported)
     combine,
     comm_time_by_kind,
     predicted_collectives,
+    roofline,
     times,
 )
 from autoshard.cost_model.hardware import Hardware, MeshDesc

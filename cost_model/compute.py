@@ -7,4 +7,4 @@ from autoshard.cost_model.hardware import Hardware
 
 def compute_time(flops: float, nbytes: float, hw: Hardware) -> float:
     """Seconds for `flops` operations touching `nbytes` bytes on one device."""
-    return max(flops / hw.flops, nbytes / hw.memory_bandwidth)
+    return max(flops / hw.achieved_flops, nbytes / hw.achieved_memory_bandwidth)

@@ -44,6 +44,40 @@ class Level:
 
 
 @dataclass(frozen=True)
+class Efficiency:
+    """How far a device's achieved speed falls from its spec sheet, as fitted on
+    published training runs (`autoshard.cost_model.calibration`). All 1.0: spec-sheet
+    speeds, the cost model as it was.
+
+    Args:
+      flops: fraction of peak flops the operations achieve (in (0, 1]).
+      hbm_traffic: fraction of the per-operation memory traffic the cost model charges
+        that reaches device memory (in (0, 1]); compilers fuse the rest (XLA fusions,
+        fused attention kernels keep intermediates on chip).
+      comm: multiplies every collective's time (in (0, 1]): the share of its modelled
+        time left exposed after overlap with compute and link efficiency.
+
+    Example:
+      >>> Efficiency(flops=0.6).hbm_traffic
+      1.0
+    """
+
+    flops: float = 1.0
+    hbm_traffic: float = 1.0
+    comm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("flops", "hbm_traffic", "comm"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not 0.0 < v <= 1.0:
+                raise ValueError(f"Efficiency.{name}={v!r} must be a fraction in (0, 1].")
+
+    @property
+    def neutral(self) -> bool:
+        return (self.flops, self.hbm_traffic, self.comm) == (1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
 class Hardware:
     """What one device can do, for the cost model.
 
@@ -69,6 +103,11 @@ class Hardware:
         a node and the first (major) ones cross nodes: a mesh axis whose device groups
         fit inside a level's domain gets that level's numbers, else the next level's.
         Empty: `bandwidth` and `latency` apply as given.
+      efficiency: achieved fractions of the spec sheet (`Efficiency`). The fields above
+        stay spec-sheet numbers; the cost model prices with `achieved_flops`,
+        `achieved_memory_bandwidth`, and per-axis bandwidth and latency scaled by
+        `efficiency.comm`. The TPU presets carry factors fitted on published runs;
+        `uncalibrated()` drops them.
 
     Every figure is checked when the Hardware is made: flops, bandwidth, memory and
     memory_bandwidth must be positive numbers; latency may be 0 (an idealised
@@ -91,10 +130,16 @@ class Hardware:
     reduce_scatter: bool = True
     prefetch_overlap: float = 0.0
     levels: tuple[Level, ...] = ()
+    efficiency: Efficiency = Efficiency()
 
     def __post_init__(self) -> None:
         for field_name in ("flops", "bandwidth", "latency", "memory", "memory_bandwidth"):
             _check_figure(self.name, field_name, getattr(self, field_name))
+        if not isinstance(self.efficiency, Efficiency):
+            raise ValueError(
+                f"Hardware '{self.name}': efficiency={self.efficiency!r} must be an "
+                "autoshard.Efficiency(flops=..., hbm_traffic=..., comm=...)."
+            )
         overlap = self.prefetch_overlap
         if not _is_number(overlap) or not 0.0 <= overlap <= 1.0:
             raise ValueError(
@@ -113,10 +158,31 @@ class Hardware:
         return float(value)
 
     def axis_bandwidth(self, axis: int) -> float:
-        return self._per_axis(self.bandwidth, axis)
+        return self._per_axis(self.bandwidth, axis) / self.efficiency.comm
 
     def axis_latency(self, axis: int) -> float:
-        return self._per_axis(self.latency, axis)
+        return self._per_axis(self.latency, axis) * self.efficiency.comm
+
+    @property
+    def achieved_flops(self) -> float:
+        """Flops per second the cost model prices with: peak times efficiency."""
+        return self.flops * self.efficiency.flops
+
+    @property
+    def achieved_memory_bandwidth(self) -> float:
+        """Memory bytes per second the cost model prices with: the spec sheet's,
+        divided by the fraction of modelled traffic that reaches memory."""
+        return self.memory_bandwidth / self.efficiency.hbm_traffic
+
+    def uncalibrated(self) -> Hardware:
+        """This hardware at its spec-sheet speeds (no fitted efficiency).
+
+        Example:
+          >>> hw = Hardware(1e15, 1e11, efficiency=Efficiency(flops=0.5))
+          >>> hw.achieved_flops, hw.uncalibrated().achieved_flops
+          (500000000000000.0, 1000000000000000.0)
+        """
+        return replace(self, efficiency=Efficiency())
 
     def axis_levels(self, shape: tuple[int, ...]) -> tuple[Level, ...]:
         """The level each axis of a mesh of this shape runs over: the innermost level
@@ -315,11 +381,23 @@ _B200 = Hardware(
     levels=(Level("nvlink", 8, 900 * GB, 5e-6), Level("infiniband", None, 400e9 / 8, 20e-6)),
 )
 
+# Efficiency factors fitted on published MaxText runs by benchmarks/calibration.py
+# (autoshard.cost_model.calibration; table in benchmarks/results/calibration.md): per
+# generation the fraction of peak flops reached; shared, the fraction of the charged memory
+# traffic that reaches HBM (at the fit's lower bound, 0.05: fused kernels keep nearly all of
+# it on chip) and the exposed share of collective time. No published run anchors tpu-v4 or
+# the GPUs here: they keep spec-sheet speeds.
+FITTED: dict[str, Efficiency] = {
+    "tpu-v5e": Efficiency(flops=0.831, hbm_traffic=0.05, comm=0.587),
+    "tpu-v5p": Efficiency(flops=0.763, hbm_traffic=0.05, comm=0.587),
+    "tpu-v6e": Efficiency(flops=0.624, hbm_traffic=0.05, comm=0.587),
+}
+
 PRESETS: dict[str, Hardware] = {
     "tpu-v4": _TPU_V4,
-    "tpu-v5e": _TPU_V5E,
-    "tpu-v5p": _TPU_V5P,
-    "tpu-v6e": _TPU_V6E,
+    "tpu-v5e": _TPU_V5E.with_(efficiency=FITTED["tpu-v5e"]),
+    "tpu-v5p": _TPU_V5P.with_(efficiency=FITTED["tpu-v5p"]),
+    "tpu-v6e": _TPU_V6E.with_(efficiency=FITTED["tpu-v6e"]),
     "a100": _A100,
     "h100": _H100,
     "h200": _H200,

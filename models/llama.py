@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from autoshard.models.blockwise import chunked_cross_entropy, flash_attention
 from autoshard.models.common import Batch, Setup, setup_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -43,6 +44,18 @@ class LlamaConfig:
       rope_theta: base of the rotary frequencies.
       norm_eps: RMSNorm epsilon.
       dtype: ``"float32"`` or ``"bfloat16"``, for parameters and compute.
+      scan_layers: stack the blocks' parameters along a leading ``n_layers``
+        dimension and run them under ``nnx.scan`` (as MaxText's ``scan_layers``),
+        so the traced step holds one block body instead of ``n_layers`` copies.
+      head_dim: width of one attention head; ``None`` is ``d_model // n_heads``
+        (MaxText's scaled models use 128 with ``n_heads * head_dim != d_model``).
+      attention: ``"plain"`` materialises the ``[B, heads, T, T]`` scores;
+        ``"flash"`` computes them block by block (:func:`flash_attention`), so
+        memory grows with ``T`` instead of ``T**2``, as MaxText's ``attention=flash``.
+      flash_block: key/value block length of ``"flash"``; must divide ``seq_len``.
+      loss_chunk: 0 computes the logits ``[B, T, vocab]`` whole; a length computes
+        head and loss over sequence chunks of it (:func:`chunked_cross_entropy`),
+        so only one chunk's float32 logits exist at a time; must divide ``seq_len``.
 
     Example:
       >>> LlamaConfig(n_heads=6, n_kv_heads=4)
@@ -61,6 +74,11 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dtype: str = "float32"
+    scan_layers: bool = False
+    head_dim: int | None = None
+    attention: str = "plain"
+    flash_block: int = 512
+    loss_chunk: int = 0
 
     def __post_init__(self):
         for name in ("vocab", "d_model", "n_heads", "n_kv_heads", "n_layers", "seq_len", "d_ff"):
@@ -70,7 +88,15 @@ class LlamaConfig:
             raise ValueError(
                 f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"
             )
-        if self.d_model % self.n_heads:
+        if self.attention not in ("plain", "flash"):
+            raise ValueError(f"attention must be 'plain' or 'flash', got {self.attention!r}")
+        if self.attention == "flash" and self.seq_len % min(self.flash_block, self.seq_len):
+            raise ValueError(
+                f"flash_block {self.flash_block} does not divide seq_len {self.seq_len}"
+            )
+        if self.loss_chunk and self.seq_len % min(self.loss_chunk, self.seq_len):
+            raise ValueError(f"loss_chunk {self.loss_chunk} does not divide seq_len {self.seq_len}")
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.d_head % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got {self.d_head}")
@@ -79,7 +105,7 @@ class LlamaConfig:
 
     @property
     def d_head(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def jnp_dtype(self):
@@ -141,22 +167,26 @@ class Attention(nnx.Module):
 
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
         d, dh = config.d_model, config.d_head
-        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.n_heads, self.n_kv_heads, self.d_head = config.n_heads, config.n_kv_heads, dh
         self.theta = config.rope_theta
+        self.flash_block = config.flash_block if config.attention == "flash" else 0
         self.q = _linear(d, config.n_heads * dh, config, rngs)
         self.k = _linear(d, config.n_kv_heads * dh, config, rngs)
         self.v = _linear(d, config.n_kv_heads * dh, config, rngs)
         self.o = _linear(config.n_heads * dh, d, config, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        dh = d // self.n_heads
+        b, t, _ = x.shape
+        dh = self.d_head
         q = rotary(self.q(x).reshape(b, t, self.n_heads, dh), self.theta)
         k = rotary(self.k(x).reshape(b, t, self.n_kv_heads, dh), self.theta)
         v = self.v(x).reshape(b, t, self.n_kv_heads, dh)
         # query head h reads kv head h // group
         group = self.n_heads // self.n_kv_heads
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        if self.flash_block:
+            out = flash_attention(q, k, v, min(self.flash_block, t))
+            return self.o(out.reshape(b, t, self.n_heads * dh))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(dh)
         causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
         scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
@@ -192,6 +222,24 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def stacked_blocks(config: LlamaConfig, rngs: nnx.Rngs) -> Block:
+    """One :class:`Block` whose every parameter has a leading ``n_layers`` dimension,
+    each layer initialised from its own key (``nnx.vmap`` over split rngs).
+
+    Example:
+      >>> blocks = nnx.eval_shape(lambda: stacked_blocks(tiny(), nnx.Rngs(0)))
+      >>> blocks.mlp.w_up.kernel.shape
+      (2, 64, 128)
+    """
+
+    @nnx.split_rngs(splits=config.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(config, rngs)
+
+    return make(rngs)
+
+
 class Llama(nnx.Module):
     """Decoder mapping int tokens ``[B, T]`` (``T <= seq_len``) to logits ``[B, T, vocab]``.
 
@@ -204,15 +252,31 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
         dt = config.jnp_dtype
         self.embed = nnx.Embed(config.vocab, config.d_model, dtype=dt, param_dtype=dt, rngs=rngs)
-        self.blocks = nnx.List([Block(config, rngs) for _ in range(config.n_layers)])
+        self.scan_layers = config.scan_layers
+        self.loss_chunk = min(config.loss_chunk, config.seq_len)
+        if config.scan_layers:
+            self.blocks = stacked_blocks(config, rngs)
+        else:
+            self.blocks = nnx.List([Block(config, rngs) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.d_model, config.norm_eps, dt)
         self.head = _linear(config.d_model, config.vocab, config, rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.head(self.hidden(tokens))
+
+    def hidden(self, tokens: jax.Array) -> jax.Array:
+        """The final normalised residual stream ``[B, T, d_model]`` (the head's input)."""
         x = self.embed(tokens)
+        if self.scan_layers:
+            # The residual stream is the carry; the stacked block is scanned along axis 0.
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def run(x: jax.Array, block: Block) -> jax.Array:
+                return block(x)
+
+            return self.norm(run(x, self.blocks))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.norm(x)
 
 
 def loss_fn(model: Llama, batch: Batch) -> jax.Array:
@@ -226,6 +290,9 @@ def loss_fn(model: Llama, batch: Batch) -> jax.Array:
       ((), dtype('float32'))
     """
     tokens = batch["tokens"]
+    if model.loss_chunk:
+        h = model.hidden(tokens[:, :-1])
+        return chunked_cross_entropy(h, model.head.kernel[...], tokens[:, 1:], model.loss_chunk)
     logits = model(tokens[:, :-1]).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
@@ -266,3 +333,30 @@ def setup(
       ((), dtype('float32'))
     """
     return setup_model(Llama, loss_fn, synthetic_batch, config, batch_size, seed, learning_rate, tx)
+
+
+def llama3_1_8b(**overrides) -> LlamaConfig:
+    """Llama 3.1 8B's shape (Meta's model card): 32 layers, d_model 4096, 32 query and
+    8 kv heads, SwiGLU width 14336, vocab 128256, rope theta 500000; bf16, layers
+    scanned, flash attention, loss in chunks of 1024 tokens, sequence 8192 (MaxText's
+    v6e benchmark). Keyword arguments replace fields.
+
+    Example:
+      >>> llama3_1_8b().d_head, llama3_1_8b(seq_len=4096).seq_len
+      (128, 4096)
+    """
+    cfg = LlamaConfig(
+        vocab=128256,
+        d_model=4096,
+        n_heads=32,
+        n_kv_heads=8,
+        n_layers=32,
+        seq_len=8192,
+        d_ff=14336,
+        rope_theta=500000.0,
+        dtype="bfloat16",
+        scan_layers=True,
+        attention="flash",
+        loss_chunk=1024,
+    )
+    return dataclasses.replace(cfg, **overrides)

@@ -9,7 +9,7 @@ import pytest
 from util import ADAM_ATOL, CPU, assert_close, missing_rules, primitives, run_both, spec_of, train
 
 import autoshard
-from autoshard.models import llama
+from autoshard.models import blockwise, llama
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,9 @@ def test_rotary_is_a_relative_rotation():
     assert not jnp.allclose(scores[0, 1], scores[0, 2], atol=1e-3)
 
 
-def test_docstring_examples():
-    result = doctest.testmod(llama, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [llama, blockwise], ids=["llama", "blockwise"])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
 
@@ -150,3 +151,39 @@ def test_gqa_attention_is_split_by_heads():
 def test_multi_query_attention_is_split_by_heads():
     step, state, batch = _abstract_setup(llama.tiny(n_kv_heads=1, **GQA), 1)
     _assert_head_split(autoshard.parallelize(step, mesh=(8,), hardware=CPU).plan(state, batch))
+
+
+def _grads(config, batch):
+    from flax import nnx
+
+    graphdef, params = nnx.split(llama.Llama(config, nnx.Rngs(0)), nnx.Param)
+    loss = lambda p: llama.loss_fn(nnx.merge(graphdef, p), batch)  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_flash_attention_and_chunked_loss_match_plain():
+    # scanned layers, head_dim 8 != d_model / n_heads; loss and every gradient agree
+    plain = llama.tiny(scan_layers=True, head_dim=8)
+    blockwise = llama.tiny(
+        scan_layers=True, head_dim=8, attention="flash", flash_block=4, loss_chunk=4
+    )
+    batch = llama.synthetic_batch(plain, 2, jax.random.key(1))
+    with jax.default_matmul_precision("highest"):
+        ref, out = _grads(plain, batch), _grads(blockwise, batch)
+    assert_close(out, ref, atol=2e-6)
+
+
+def test_scanned_flash_step_has_a_rule_for_every_primitive():
+    cfg = llama.tiny(scan_layers=True, attention="flash", flash_block=8, loss_chunk=8)
+    s = llama.setup(cfg, batch_size=2)
+    assert missing_rules(s.train_step, s.state, s.batch) == set()
+
+
+def test_scanned_flash_llama_matches_single_device():
+    cfg = llama.tiny(scan_layers=True, attention="flash", flash_block=8, loss_chunk=8)
+    s = llama.setup(cfg, batch_size=8)
+    assert s.state.params["blocks"]["mlp"]["w_up"]["kernel"].shape == (2, 64, 128)
+    out, ref, step = run_both(s.train_step, s.state, s.batch, mesh=(2, 4), hardware=CPU)
+    assert_close(out[1], ref[1], atol=1e-5)
+    assert_close(out[0], ref[0], atol=ADAM_ATOL)
+    assert any(tuple(e.spec) for e in step.plan(s.state, s.batch).inputs)  # a split plan
