@@ -117,6 +117,13 @@ CASES = [
     ("real 7b-shape gpt, scan", (2, 4), gpt_scan.setup, _gpt(4096, 32, 2048, 32000), 8),
     ("real llama-7b, unrolled", (4, 8), llama.setup, _llama(**LLAMA_7B), 32),
     ("real llama-7b, scan", (2, 4), llama_scan_setup, _llama(**LLAMA_7B), 8),
+    (
+        "real llama-7b, bf16, scan",
+        (2, 4),
+        llama_scan_setup,
+        _llama(**LLAMA_7B, dtype="bfloat16"),
+        8,
+    ),
 ]
 
 
