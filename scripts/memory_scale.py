@@ -83,6 +83,7 @@ class ScannedLlama(llama.Llama):
 
 
 def llama_scan_setup(config: llama.LlamaConfig, batch_size: int):
+    """A ScannedLlama, its adamw train step, initial state and one synthetic batch."""
     return setup_model(ScannedLlama, llama.loss_fn, llama.synthetic_batch, config, batch_size)
 
 
