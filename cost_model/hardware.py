@@ -108,6 +108,14 @@ class Hardware:
         `achieved_memory_bandwidth`, and per-axis bandwidth and latency scaled by
         `efficiency.comm`. The TPU presets carry factors fitted on published runs;
         `uncalibrated()` drops them.
+      half_as_f32: whether the compiler computes bfloat16/float16 arithmetic in float32
+        and keeps the step's intermediate values as float32, as XLA's CPU compiler does
+        (its bf16 matmuls return f32). The memory model then counts 2-byte float
+        intermediates at 4 bytes, and an f32 copy of each 2-byte argument a matmul
+        reads (from its first matmul to its last); arguments and outputs keep their
+        dtype. The `cpu` preset says True, so that predictions hold for the programs
+        compiled here; the accelerator presets say False (TPUs and GPUs keep bf16
+        intermediates).
 
     Every figure is checked when the Hardware is made: flops, bandwidth, memory and
     memory_bandwidth must be positive numbers; latency may be 0 (an idealised
@@ -131,6 +139,7 @@ class Hardware:
     prefetch_overlap: float = 0.0
     levels: tuple[Level, ...] = ()
     efficiency: Efficiency = Efficiency()
+    half_as_f32: bool = False
 
     def __post_init__(self) -> None:
         for field_name in ("flops", "bandwidth", "latency", "memory", "memory_bandwidth"):
@@ -404,5 +413,6 @@ PRESETS: dict[str, Hardware] = {
     "b200": _B200,
     # one 8-GPU node: NVLink on every axis (the H100 numbers without the InfiniBand level)
     "h100-nvlink": Hardware(989e12, 450 * GB, 5e-6, 80 * GB, 3350 * GB, "h100-nvlink"),
-    "cpu": Hardware(5e10, 5e9, 2e-5, 8 * GiB, 2e10, "cpu", reduce_scatter=False),
+    # XLA's CPU compiler computes bf16 in f32 (half_as_f32)
+    "cpu": Hardware(5e10, 5e9, 2e-5, 8 * GiB, 2e10, "cpu", reduce_scatter=False, half_as_f32=True),
 }

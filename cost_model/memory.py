@@ -63,8 +63,9 @@ def dfs_order(
     """Operations in depth-first post-order from the values in roots (step outputs):
     each result is computed right before its first reader needs it, so a gradient is
     consumed by its optimizer update before the next one is computed. This is the
-    order XLA's memory-minimising DFS scheduler approximates; operations that no root
-    depends on follow in program order."""
+    order XLA's memory-minimising DFS scheduler approximates. Operations that no root
+    depends on are left out: XLA removes dead code, so they neither run nor keep
+    their operands alive."""
     maker = {v: i for i, vs in enumerate(produced) for v in vs}
     seen: set[int] = set()
     order: list[int] = []
@@ -85,5 +86,4 @@ def dfs_order(
                 p = maker.get(v)
                 if p is not None and p not in seen:
                     stack.append((p, False))
-    order += [i for i in range(len(produced)) if i not in seen]
     return order

@@ -18,7 +18,7 @@ from autoshard.cost_model.ilp import MemoryRow
 from autoshard.cost_model.memory import dfs_order, live_sets
 from autoshard.cost_model.resharding import per_device_bytes
 from autoshard.passes.graph import LOOP_SLICE, LOOP_STACK, Lit, OpGraph
-from autoshard.passes.rules.families import ELEMENTWISE, FUSIBLE, FUSION_CONSUMERS
+from autoshard.passes.rules.families import CONTRACTIONS, ELEMENTWISE, FUSIBLE, FUSION_CONSUMERS
 from autoshard.passes.simplify import Problem
 
 # Cheap producers XLA recomputes inside every fusion that reads them.
@@ -140,6 +140,23 @@ def _structure(g: OpGraph, donated: frozenset[int]):
     return found
 
 
+_HALF = frozenset({"bfloat16", "float16"})
+
+
+def held_scale(graph: OpGraph, half_as_f32: bool) -> np.ndarray:
+    """Per value, the factor from its dtype's bytes to the bytes it occupies: 2 for a
+    bfloat16/float16 intermediate when the compiler keeps those as float32 (XLA's
+    CPU compiler computes them in f32), else 1. Arguments and step outputs keep
+    their dtype."""
+    scale = np.ones(len(graph.values))
+    if half_as_f32:
+        ends = set(graph.inputs) | {r for r in graph.outputs if not isinstance(r, Lit)}
+        for v, info in enumerate(graph.values):
+            if str(info.dtype) in _HALF and v not in ends:
+                scale[v] = 2.0
+    return scale
+
+
 class Liveness:
     """Which values are alive at each point of the step, for one problem.
 
@@ -155,16 +172,22 @@ class Liveness:
         self.args = tuple(problem.graph.inputs)
         self.outputs, self.order, self.live = _structure(problem.graph, donated)
         self.steps = len(self.order)
+        self.scale = held_scale(problem.graph, problem.hw.half_as_f32)
+        # half-precision arguments, which such a compiler converts for its matmuls
+        self._half_args = {
+            v
+            for v in self.args
+            if problem.hw.half_as_f32 and str(problem.graph.values[v].dtype) in _HALF
+        }
 
     def value_bytes(self, specs) -> np.ndarray:
         """Per-device bytes of every value under specs (one per value)."""
         g, mesh = self.problem.graph, self.problem.mesh
-        return np.array(
-            [
-                per_device_bytes(v.nbytes, s, mesh) if s is not None else v.nbytes
-                for v, s in zip(g.values, specs, strict=True)
-            ]
-        )
+        nbytes = [
+            per_device_bytes(v.nbytes, s, mesh) if s is not None else v.nbytes
+            for v, s in zip(g.values, specs, strict=True)
+        ]
+        return np.array(nbytes) * self.scale
 
     def profile(self, specs, operand_specs=None) -> tuple[float, np.ndarray]:
         """(argument bytes, live intermediate bytes after each step). With the
@@ -179,16 +202,24 @@ class Liveness:
     def transients(self, specs, operand_specs) -> np.ndarray:
         """Bytes of resharded copies alive after each step. XLA reshards a value once
         per target layout and reuses the copy, so a copy lives from its first reader to
-        its last (a parameter gathered for the forward matmul stays for the backward)."""
+        its last (a parameter gathered for the forward matmul stays for the backward).
+        Where the compiler computes half-precision matmuls in f32 (`half_as_f32`), a
+        bf16/f16 argument a matmul reads is converted once, and its f32 copy lives
+        the same way."""
         g, mesh = self.problem.graph, self.problem.mesh
         span: dict[tuple, list[int]] = {}
         for step, op in enumerate(self.order):
-            for r, want in zip(g.nodes[op].inputs, operand_specs[op], strict=True):
-                if not isinstance(r, Lit) and want is not None and want != specs[r]:
-                    span.setdefault((r, want), []).append(step)
+            node = g.nodes[op]
+            for r, want in zip(node.inputs, operand_specs[op], strict=True):
+                if isinstance(r, Lit):
+                    continue
+                if want is not None and want != specs[r]:
+                    span.setdefault((r, want, 1.0), []).append(step)
+                if node.name in CONTRACTIONS and r in self._half_args:
+                    span.setdefault((r, want or specs[r], 2.0), []).append(step)
         delta = np.zeros(len(self.order) + 1)
-        for (r, want), steps in span.items():
-            nbytes = per_device_bytes(g.values[r].nbytes, want, mesh)
+        for (r, want, factor), steps in span.items():
+            nbytes = factor * per_device_bytes(g.values[r].nbytes, want, mesh)
             delta[min(steps)] += nbytes
             delta[max(steps) + 1] -= nbytes
         return np.cumsum(delta)[: len(self.order)]
@@ -214,7 +245,7 @@ class Liveness:
     def _bytes_per_choice(self, v: int, root: int) -> np.ndarray:
         if v not in self._cache:
             p = self.problem
-            self._cache[v] = np.array(
+            self._cache[v] = self.scale[v] * np.array(
                 [
                     per_device_bytes(p.graph.values[v].nbytes, p.spec_of(v, j), p.mesh)
                     for j in range(len(p.units[root]))

@@ -13,7 +13,6 @@ from autoshard.models import gpt, mlp
 CPU_RS = CPU.with_(reduce_scatter=True)
 
 
-
 def _split(plan, kind):
     return {e.path for e in plan.inputs if any(e.spec) and kind in e.path}
 
@@ -27,6 +26,13 @@ def test_dfs_order_computes_each_result_just_before_it_is_read():
     program = live_peak(produced, consumed, sizes, {2, 3})
     scheduled = live_peak([produced[i] for i in order], [consumed[i] for i in order], sizes, {2, 3})
     assert (program, scheduled) == (21.0, 12.0)
+
+
+def test_dfs_order_leaves_out_operations_no_output_needs():
+    # op2 reads v0 but its result v2 reaches no output: XLA removes it, so it must
+    # not keep v0 alive past op1
+    produced, consumed = [[0], [1], [2]], [[], [0], [0]]
+    assert dfs_order(produced, consumed, [1]) == [0, 1]
 
 
 @pytest.mark.parametrize(
