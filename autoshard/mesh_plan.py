@@ -28,6 +28,9 @@ class MeshPlan:
     collapse: Collapse | None = None  # ILP nodes that share variables (repeated layers)
     # a lower bound on the per-device memory of every plan, when one excluded the budget
     memory_floor: float | None = None
+    # the least-memory plan (per ILP node) the memory cutting planes found, if they ran:
+    # the fallback of a solve that times out before it finds a plan within the budget
+    least: tuple[int, ...] | None = None
 
     def solve(self, request: SolverRequest) -> SolverResult:
         """Solve a request over this problem's ILP nodes, copies sharing variables."""

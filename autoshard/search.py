@@ -110,10 +110,11 @@ def solve_on_mesh(
     mp = replace(mp, liveness=live)
     if budget is not None and beat is None:
         # until a plan is found, a mesh no plan fits on is told apart without its ILP
-        floor = excluded_by_memory(mp, budget, min(time_limit, LP_BOUND_TIME))
+        floor, least = excluded_by_memory(mp, budget, min(time_limit, LP_BOUND_TIME))
+        mp = replace(mp, least=least)
         if floor is not None:
             none = SolverResult((0,) * len(problem.roots), float("inf"), "infeasible", 0.0, 0, 0)
-            picks = decode(problem, none.choice)
+            picks = decode(problem, least)
             return replace(mp, result=none, picks=picks, memory_floor=floor)
     result = mp.solve(request)
     picks = decode(problem, result.choice)
