@@ -151,10 +151,11 @@ def test_many_devices_build_a_bounded_number_of_meshes(monkeypatch):
     order = search.mesh_order(meshes, floors)
     ranks = [len(meshes[i].axis_sizes) for i in order]
     assert len(shapes) == 46 and ranks == [1] + [2] * 6 + [3] * 3
-    # per number of axes, the lowest floors, in the given order
+    # per number of axes, the lowest floors, lowest first
     three = [i for i in order if len(meshes[i].axis_sizes) == 3]
     rest = [i for i in range(len(meshes)) if len(shapes[i]) == 3 and i not in three]
-    assert three == sorted(three) and max(floors[i] for i in three) <= min(floors[i] for i in rest)
+    assert [floors[i] for i in three] == sorted(floors[i] for i in three)
+    assert max(floors[i] for i in three) <= min(floors[i] for i in rest)
     monkeypatch.setattr(search, "MESHES_PER_RANK", (1, 2, 0))
     assert [len(meshes[i].axis_sizes) for i in search.mesh_order(meshes, floors)] == [1, 2, 2]
 
