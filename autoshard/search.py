@@ -52,6 +52,8 @@ LP_MAX_VARIABLES = 400_000
 # axes (1, 2, 3), at most this many meshes are built and solved: those with the lowest
 # compute floor (`compute_floor`). 3-D problems are the large ones.
 MESHES_PER_RANK = (1, 6, 3)
+# Compute floors that agree to this many significant digits order meshes as equals.
+FLOOR_DIGITS = 4
 
 
 def solve_on_mesh(
@@ -166,15 +168,24 @@ def mesh_floors(graph: OpGraph, meshes, infos, hw: Hardware) -> list[float]:
 def mesh_order(meshes, floors) -> list[int]:
     """Indices of the meshes to build, in order: per number of axes (fewer first), the
     MESHES_PER_RANK[axes - 1] with the lowest floors, lowest first (so the best plan is
-    usually found early and bounds skip the rest), the given order among equal floors."""
+    usually found early and bounds skip the rest; `_order_key` breaks ties)."""
     by_rank: dict[int, list[int]] = {}
     for i, m in enumerate(meshes):
         by_rank.setdefault(len(m.axis_sizes), []).append(i)
     keep = []
     for rank in sorted(by_rank):
         cap = MESHES_PER_RANK[min(rank, len(MESHES_PER_RANK)) - 1]
-        keep += sorted(by_rank[rank], key=lambda i: (floors[i], i))[:cap]
+        keep += sorted(by_rank[rank], key=lambda i: _order_key(meshes[i], floors[i], i))[:cap]
     return keep
+
+
+def _order_key(mesh, floor: float, i: int) -> tuple:
+    """Lowest floor first; floors equal to FLOOR_DIGITS significant digits (large
+    models: every operation's cheapest strategy is its fully split compute on any
+    mesh) then the most even shape first (every axis can split a dimension: on
+    large models the cheapest plans are there), then the given order."""
+    sizes = tuple(mesh.axis_sizes)
+    return float(f"{floor:.{FLOOR_DIGITS}g}"), max(sizes) / min(sizes), i
 
 
 def _to_beat(best: MeshPlan | None, best_i: int, i: int) -> float | None:
