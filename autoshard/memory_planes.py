@@ -57,14 +57,16 @@ def _peak(live: Liveness, problem: Problem, picks) -> float:
 def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, deadline=None):
     """(result, picks, request) of the cheapest plan within budget, by cutting planes:
     memory rows at the steps where the last plan went over. Resharded copies are not
-    linear in the choices; when only they push a plan over, the rows aim lower. With
-    a deadline (time.perf_counter() seconds), no round starts after it."""
+    linear in the choices; when only they push a plan over, the rows aim lower (never
+    below what the rows of mp's memory screen allow any plan). With a deadline
+    (time.perf_counter() seconds), no round starts after it."""
     problem, live = mp.problem, mp.liveness
     request = mp.request if request is None else request
     node_of_root = {r: i for i, r in enumerate(problem.roots)}
     replicated = decode(problem, [0] * len(problem.roots))
     args, prof = live.profile(value_specs(problem, replicated))
-    points = _new_points(prof, [], args, budget)
+    points = list(mp.memory_points) or _new_points(prof, [], args, budget)
+    floor = mp.rows_floor if mp.memory_points else 0.0  # no plan's rows go below
     target, low, high = budget, None, None  # low: a target found infeasible
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
@@ -94,10 +96,12 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, d
             return result, picks, req
         new = _new_points(prof, points, args, target)
         if not new:
-            high = target
+            high, lower = target, target - (args + full.max() - budget)
+            if low is None and lower < floor:
+                low = floor * (1 - FIT_TOLERANCE)  # rows below it fit no plan
             if low is not None and high - low <= MEMORY_TARGET_GAP * budget:
                 break
-            target = target - (args + full.max() - budget) if low is None else (low + target) / 2
+            target = lower if low is None else (low + target) / 2
             new = _new_points(full, points, args, budget)
         points += new
     return replace(result, status="infeasible"), replicated, req
@@ -132,9 +136,12 @@ def _least_memory_fallback(mp: MeshPlan, req: SolverRequest, result: SolverResul
 
 
 def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float):
-    """(floor, choice): floor, a lower bound on the per-device memory of every plan
-    on mp's mesh when it exceeds the budget, else None; choice, the least-memory plan
-    found (per ILP node; None when the replicated plan fits). Cutting planes on memory alone: the
+    """(floor, choice, points, bound): floor, a lower bound on the per-device memory
+    of every plan on mp's mesh when it exceeds the budget, else None; choice, the
+    least-memory plan found (per ILP node; None when the replicated plan fits);
+    points, the steps of the last round's memory rows, and bound, the least largest
+    row any plan has there (cutting planes that start from these rows need not aim
+    below it). Cutting planes on memory alone: the
     least, over the choices, of the largest memory row (a small ILP without costs or
     edges), with rows first at the replicated plan's highest steps, then at the steps
     where the last least-memory plan went over. It stops when the floor exceeds the
@@ -144,11 +151,12 @@ def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float):
     picks = decode(problem, [0] * len(problem.roots))
     args, prof = live.profile(value_specs(problem, picks))
     if args + prof.max(initial=0.0) <= budget * (1 + FIT_TOLERANCE):
-        return None, None
+        return None, None, (), 0.0
     node_of_root = {r: i for i, r in enumerate(problem.roots)}
     points = _new_points(prof, [], args, budget)
     deadline = time.perf_counter() + time_limit
     best, high = None, np.inf
+    rounds = ((), 0.0)  # the last round's points and their bound
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
         left = max(0.5, deadline - time.perf_counter())
@@ -163,16 +171,17 @@ def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float):
         if peak < high:
             best, high = choice, peak
         if floor > budget * (1 + FIT_TOLERANCE):
-            return floor, best
+            return floor, best, tuple(points), floor
         if peak <= budget * (1 + FIT_TOLERANCE) or time.perf_counter() >= deadline:
-            return None, best
+            return None, best, tuple(points), floor
         specs = value_specs(problem, picks)
         args, prof = live.profile(specs)
         new = _new_points(prof, points, args, budget)
         if not new:  # over only by resharded copies, which rows do not see
-            return None, best
+            return None, best, tuple(points), floor
+        rounds = (tuple(points), floor)
         points += new
-    return None, best
+    return None, best, *rounds
 
 
 def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:

@@ -112,8 +112,10 @@ def solve_on_mesh(
     mp = replace(mp, liveness=live)
     if budget is not None and beat is None:
         # until a plan is found, a mesh no plan fits on is told apart without its ILP
-        floor, least = excluded_by_memory(mp, budget, min(time_limit, LP_BOUND_TIME))
-        mp = replace(mp, least=least)
+        floor, least, points, rows_floor = excluded_by_memory(
+            mp, budget, min(time_limit, LP_BOUND_TIME)
+        )
+        mp = replace(mp, least=least, memory_points=points, rows_floor=rows_floor)
         if floor is not None:
             none = SolverResult((0,) * len(problem.roots), float("inf"), "infeasible", 0.0, 0, 0)
             picks = decode(problem, least)
