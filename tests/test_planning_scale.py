@@ -156,6 +156,13 @@ def test_many_devices_build_a_bounded_number_of_meshes(monkeypatch):
     rest = [i for i in range(len(meshes)) if len(shapes[i]) == 3 and i not in three]
     assert [floors[i] for i in three] == sorted(floors[i] for i in three)
     assert max(floors[i] for i in three) <= min(floors[i] for i in rest)
+    # equal floors (large models: every operation's cheapest strategy is its fully split
+    # compute): the most even shapes first, and those are the ones built
+    shapes64 = search.candidate_shapes(64)
+    equal = search.mesh_order([_Shape(*s) for s in shapes64], [1.0] * len(shapes64))
+    two = [shapes64[i] for i in equal if len(shapes64[i]) == 2]
+    assert two == [(8, 8), (4, 16), (16, 4), (2, 32), (32, 2)]
+    assert [shapes64[i] for i in equal if len(shapes64[i]) == 3][0] == (4, 4, 4)
     monkeypatch.setattr(search, "MESHES_PER_RANK", (1, 2, 0))
     assert [len(meshes[i].axis_sizes) for i in search.mesh_order(meshes, floors)] == [1, 2, 2]
 
