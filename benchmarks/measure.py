@@ -13,7 +13,12 @@ runs: the product of the known trip counts of the loops around it (XLA prints th
   reduce-scatter: it all-reduces and then slices out each device's shard, where the
   GPU and TPU compilers turn that pair into a reduce-scatter. An all-reduce whose every
   user is a dynamic-slice (or a fusion holding one) that keeps ``1/n`` of it is priced
-  as the reduce-scatter those compilers would emit, for every plan alike;
+  as the reduce-scatter those compilers would emit, for every plan alike. Likewise
+  the CPU backend combines all-reduces but not reduce-scatters or all-gathers, which
+  the GPU compiler's combiners merge when they do not depend on each other (up to
+  30 MiB each, XLA's kDefault*CombineThreshold in xla/service/collective_utils.h):
+  collectives of one kind over the same groups in one computation, none reading
+  another's result, share one latency here, up to that size; bytes are unchanged;
 - memory: ``autoshard.compiled_memory(compiled)`` (arguments + outputs - aliased +
   temporaries), per device.
 
@@ -47,14 +52,18 @@ _SHAPE = re.compile(r"([a-z][a-z0-9]*)\[([\d,]*)\]")
 _CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 
 
+COMBINE_BYTES = 30 * 1024 * 1024 + 7
+
+
 @dataclass(frozen=True)
 class KindStats:
     """The collectives of one kind: executions per step, bytes per device per step,
-    group sizes seen."""
+    group sizes seen, and launches per step once combined (latencies paid)."""
 
     count: int
     nbytes: int
     group_sizes: tuple[int, ...]
+    launches: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,14 +110,49 @@ def level_of(groups, hw: autoshard.Hardware) -> tuple[float, float]:
     return hw.levels[-1].bandwidth, hw.levels[-1].latency
 
 
-def collective_time(c: autoshard.Collective, hw: autoshard.Hardware, num_devices: int) -> float:
-    """Latency + ring factor * bytes / bandwidth; 0 for a group of one device."""
+def collective_time(
+    c: autoshard.Collective, hw: autoshard.Hardware, num_devices: int, latency: bool = True
+) -> float:
+    """Latency (unless combined into another launch) + ring factor * bytes / bandwidth;
+    0 for a group of one device."""
     n = c.group_size or num_devices  # 0: the group could not be read, assume all devices
     if n <= 1:
         return 0.0
     groups = c.groups or (tuple(range(num_devices)),)
     bw, lat = level_of(groups, hw)
-    return lat + ring_factor(c.kind, n) * c.bytes / bw
+    return lat * latency + ring_factor(c.kind, n) * c.bytes / bw
+
+
+def launches(colls, instrs) -> list[bool]:
+    """Per collective, whether it starts a launch of its own (pays a latency) after
+    combining independent collectives of one kind and groups in one computation, up
+    to ``COMBINE_BYTES`` per launch."""
+    names = {(c.computation, c.name) for c in colls}
+    upstream: dict[tuple[str, str], frozenset] = {}
+    for i in instrs:  # text order is a topological order within a computation
+        seen: set = set()
+        for op in set(re.findall(r"%([\w.\-]+)", i.operands)):
+            key = (i.computation, op)
+            seen |= upstream.get(key, frozenset())
+            if key in names:
+                seen.add(key)
+        upstream[(i.computation, i.name)] = frozenset(seen)
+    open_groups: dict[tuple, list[tuple[set, int]]] = {}
+    out = []
+    for c in colls:
+        key = (c.computation, c.kind, c.groups)
+        mine = upstream.get((c.computation, c.name), frozenset())
+        for members, size in open_groups.setdefault(key, []):
+            if size + c.bytes <= COMBINE_BYTES and not members & mine:
+                members.add((c.computation, c.name))
+                open_groups[key].remove((members, size))
+                open_groups[key].append((members, size + c.bytes))
+                out.append(False)
+                break
+        else:
+            open_groups[key].append(({(c.computation, c.name)}, c.bytes))
+            out.append(True)
+    return out
 
 
 def multiplicities(instrs) -> tuple[dict[str, int], bool]:
@@ -198,14 +242,16 @@ def dot_flops(instrs, count: dict[str, int]) -> float:
     return total
 
 
-def by_kind(colls, count: dict[str, int]) -> dict[str, KindStats]:
+def by_kind(colls, count: dict[str, int], own: list[bool]) -> dict[str, KindStats]:
     """Collectives grouped by kind, each weighted by its computation's run count."""
     out: dict[str, KindStats] = {}
-    for c in colls:
+    for c, launch in zip(colls, own, strict=True):
         k = count.get(c.computation, 1)
         prev = out.get(c.kind, KindStats(0, 0, ()))
         sizes = tuple(sorted(set(prev.group_sizes) | {c.group_size}))
-        out[c.kind] = KindStats(prev.count + k, prev.nbytes + k * c.bytes, sizes)
+        out[c.kind] = KindStats(
+            prev.count + k, prev.nbytes + k * c.bytes, sizes, prev.launches + k * launch
+        )
     return out
 
 
@@ -217,9 +263,13 @@ def analyse(compiled, hw: autoshard.Hardware, compile_time: float = 0.0) -> Meas
     colls = as_reduce_scatters(autoshard.parse_collectives(text), instrs)
     n = int(re.search(r"num_partitions=(\d+)", text).group(1)) if "num_partitions=" in text else 1
     flops = dot_flops(instrs, count)
-    comm = sum(collective_time(c, hw, n) * count.get(c.computation, 1) for c in colls)
+    own = launches(colls, instrs)
+    comm = sum(
+        collective_time(c, hw, n, launch) * count.get(c.computation, 1)
+        for c, launch in zip(colls, own, strict=True)
+    )
     return Measurement(
-        collectives=by_kind(colls, count),
+        collectives=by_kind(colls, count, own),
         flops=flops,
         memory=float(autoshard.compiled_memory(compiled)),
         compute_time=flops / hw.flops,

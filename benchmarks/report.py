@@ -84,11 +84,13 @@ def fmt_bytes(n: float) -> str:
 
 
 def fmt_collectives(colls: dict[str, KindStats]) -> str:
-    """``AR 24x 1.2 GiB n=8; AG ...`` (executions and bytes per device per step)."""
+    """``AR 24x (12) 1.2 GiB n=8; AG ...``: executions, launches once combined, bytes
+    per device, per step."""
     parts = []
     for kind, k in sorted(colls.items()):
         sizes = ",".join(str(s) for s in k.group_sizes)
-        parts.append(f"{_SHORT.get(kind, kind)} {k.count}x {fmt_bytes(k.nbytes)} n={sizes}")
+        short = _SHORT.get(kind, kind)
+        parts.append(f"{short} {k.count}x ({k.launches}) {fmt_bytes(k.nbytes)} n={sizes}")
     return "; ".join(parts) or "none"
 
 
