@@ -2,8 +2,10 @@
 
 Nothing here compiles: the devices do not exist. A hand plan pins the parameters, the
 optimizer state and the batch with ``in_shardings=`` (and the state's output layout with
-``out_shardings=``) on a ``jax.sharding.AbstractMesh``; autoshard's planner completes
-the rest (activations, collectives) and its cost model prices the result, with no
+``out_shardings=``) on a ``jax.sharding.AbstractMesh``, and the residual stream at each
+layer's input to its batch axis (``jax.lax.with_sharding_constraint``, a pin too);
+autoshard's planner completes the rest (activations, collectives) and its cost model
+prices the result, with no
 memory budget (so a plan that does not fit is still priced, then marked) and without
 pipelining or rematerialisation of its own. autoshard's plan is planned as a user
 would: ``devices=N`` (its mesh search) and a fixed mesh, default options.
@@ -21,7 +23,10 @@ from dataclasses import dataclass
 
 import jax
 from baselines import AUTOSHARD, HandPlan, hand_plans, specs
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from report import Row
+from workloads import carry_sharding
 
 import autoshard
 
@@ -88,8 +93,10 @@ def run_hand(w, t: Target, plan: HandPlan, setup, remat: bool, opts) -> Row:
             cache=False,
             verbose=False,
         )
+        carry = NamedSharding(mesh, P(plan.batch_axis)) if plan.batch_axis else None
         t0 = time.perf_counter()
-        planned = step.plan(setup.state, setup.batch)
+        with carry_sharding(carry):
+            planned = step.plan(setup.state, setup.batch)
     except Exception as e:
         return base.failed(f"{type(e).__name__}: {e}".splitlines()[0][:200])
     return _plan_row(base, planned, time.perf_counter() - t0, t.hardware)

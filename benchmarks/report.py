@@ -274,8 +274,10 @@ def notes(rows: list[Row], opts, elapsed: float) -> list[str]:
         "vocabulary) use all 8 devices as one axis; DP x TP puts the batch on the first "
         "axis and Megatron on the second; MaxText rules: base.yml's logical_axis_rules on "
         "an (fsdp, tensor) mesh (embed -> fsdp; mlp, heads, kv_heads, vocab, norm -> "
-        "tensor; batch -> fsdp). Only inputs and outputs are laid out (jax.jit "
-        "in_shardings/out_shardings); activations are left to XLA's propagation.",
+        "tensor; batch -> fsdp). Inputs and outputs are laid out with jax.jit "
+        "in_shardings/out_shardings, and the residual stream at each layer's input is "
+        "constrained to the plan's batch axis (with_sharding_constraint, as MaxText "
+        "constrains its decoder layers); other activations follow XLA's propagation.",
         "remat full: every layer under jax.checkpoint with nothing saved (MaxText's "
         "default remat_policy), used by the hand plans of a model that fits no hand "
         "plan without it. autoshard chooses its own remat (remat='auto') when its "

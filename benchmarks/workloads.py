@@ -10,6 +10,8 @@ model does not fit otherwise. State and batch are ``jax.ShapeDtypeStruct``s
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass
 
@@ -32,10 +34,29 @@ def _stacked(block_cls, config, rngs: nnx.Rngs):
     return make(rngs)
 
 
+# The layout of the residual stream at each layer's input, when a hand plan fixes
+# one (jax.lax.with_sharding_constraint, as MaxText constrains its decoder layers'
+# inputs); None leaves it to the compiler. Read while the step is traced.
+CARRY_SHARDING: contextvars.ContextVar = contextvars.ContextVar("carry_sharding", default=None)
+
+
+@contextlib.contextmanager
+def carry_sharding(sharding):
+    """Trace steps under this with the residual stream constrained to ``sharding``."""
+    token = CARRY_SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        CARRY_SHARDING.reset(token)
+
+
 def _run(blocks, x: jax.Array, remat: bool) -> jax.Array:
     """The residual stream through the stacked blocks, one ``nnx.scan`` step a layer."""
+    sharding = CARRY_SHARDING.get()
 
     def layer(x, block):
+        if sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, sharding)
         return block(x)
 
     if remat:
