@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from measure import measure  # noqa: E402
 from report import Row, plot, render  # noqa: E402
-from workloads import REAL, TINY, Workload, by_name, carry_sharding  # noqa: E402
+from workloads import REAL, TINY, Workload, by_name, carry_sharding, fresh  # noqa: E402
 
 import autoshard  # noqa: E402
 
@@ -67,7 +67,7 @@ def jit_hand(plan: HandPlan, setup):
         return jax.tree.map(lambda p: NamedSharding(mesh, p), tree)
 
     return jax.jit(
-        setup.train_step,
+        fresh(setup.train_step),
         in_shardings=(named(state_specs), named(batch_specs)),
         out_shardings=(named(state_specs), NamedSharding(mesh, P())),
         donate_argnums=0,
@@ -93,7 +93,7 @@ def run_autoshard(w: Workload, shape, setup, hw, opts, plans: list[str]) -> Row:
     base = Row(w.name, "8", label, AUTOSHARD)
     try:
         step = autoshard.parallelize(
-            setup.train_step,
+            fresh(setup.train_step),
             mesh=shape,
             hardware=hw,
             donate_argnums=0,

@@ -26,7 +26,7 @@ from baselines import AUTOSHARD, HandPlan, hand_plans, specs
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from report import Row
-from workloads import carry_sharding
+from workloads import carry_sharding, fresh
 
 import autoshard
 
@@ -80,7 +80,7 @@ def run_hand(w, t: Target, plan: HandPlan, setup, remat: bool, opts) -> Row:
     state_specs, batch_specs = specs(plan, setup.state, setup.batch)
     try:
         step = autoshard.parallelize(
-            setup.train_step,
+            fresh(setup.train_step),
             mesh=mesh,
             hardware=t.hardware,
             donate_argnums=0,
@@ -112,7 +112,7 @@ def run_autoshard(w, t: Target, shape, setup, opts, plans: list[str]) -> Row:
         where = {"mesh": jax.sharding.AbstractMesh(shape, ("data", "model"))}
     try:
         step = autoshard.parallelize(
-            setup.train_step,
+            fresh(setup.train_step),
             hardware=t.hardware,
             donate_argnums=0,
             time_limit=opts.time_limit,

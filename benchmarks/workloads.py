@@ -159,6 +159,16 @@ class Workload:
         return abstract_setup(make, self.config, batch)
 
 
+def fresh(step):
+    """A new function object for ``step``: jax caches a traced function by identity, so
+    a step traced under one ``carry_sharding`` would otherwise be reused under another."""
+
+    def train_step(state, batch):
+        return step(state, batch)
+
+    return train_step
+
+
 def _gpt(d: int, layers: int, heads: int, ff: int, seq: int, vocab: int = 50304):
     return gpt.GPTConfig(
         vocab=vocab, d_model=d, n_heads=heads, n_layers=layers, seq_len=seq, d_ff=ff
