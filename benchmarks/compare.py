@@ -132,13 +132,17 @@ def _progress(r: Row) -> None:
 def run_workload(w: Workload, opts, plans: list[str]) -> list[Row]:
     """Every hand plan and autoshard's plans of one workload on 8 devices."""
     print(f"{w.name} (8 devices):", file=sys.stderr, flush=True)
-    plain = w.setup()
-    hand_setup = w.setup(remat=True) if w.hand_remat else plain
+    plain, remat = w.setup(), w.setup(remat=True)
     two_d = QUICK_TWO_D if opts.quick else TWO_D
     rows = []
     for plan in hand_plans(8, two_d, w.heads, w.kv_heads):
-        rows.append(run_hand(w, plan, hand_setup, w.hand_remat, HARDWARE))
-        _progress(rows[-1])
+        row = None if w.hand_remat else run_hand(w, plan, plain, False, HARDWARE)
+        if row is not None:
+            rows.append(row)
+            _progress(row)
+        if row is None or (row.ok and not row.fits):  # as a user would: remat, if needed
+            rows.append(run_hand(w, plan, remat, True, HARDWARE))
+            _progress(rows[-1])
     for shape in QUICK_AUTO_MESHES if opts.quick else AUTO_MESHES:
         rows.append(run_autoshard(w, shape, plain, HARDWARE, opts, plans))
         _progress(rows[-1])

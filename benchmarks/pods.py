@@ -8,7 +8,9 @@ autoshard's planner completes the rest (activations, collectives) and its cost m
 prices the result, with no
 memory budget (so a plan that does not fit is still priced, then marked) and without
 pipelining or rematerialisation of its own. autoshard's plan is planned as a user
-would: ``devices=N`` (its mesh search) and a fixed mesh, default options.
+would: ``devices=N`` (its mesh search) and a fixed mesh, default options. A hand plan
+that does not fit is scored again with every layer rematerialised (``jax.checkpoint``,
+nothing saved), as its user would do next.
 
 The presets are used as they are; calibrated efficiency factors (flops and
 interconnect efficiency fitted to published runs) plug in through the ``hardware=``
@@ -135,18 +137,24 @@ def _progress(r: Row) -> None:
         what = "ERROR " + r.error
     else:
         what = f"est {r.est * 1e3:9.3f} ms  mem {r.memory / 1e9:6.1f} GB  {r.seconds:6.1f} s"
-    print(f"  {r.mesh:<9} {r.method:<22} {what}", file=sys.stderr, flush=True)
+    remat = f" +remat {r.remat}" if r.remat else ""
+    print(f"  {r.mesh:<9} {r.method + remat:<22} {what}", file=sys.stderr, flush=True)
 
 
 def run_workload(w, t: Target, opts, plans: list[str]) -> list[Row]:
     """Every hand plan and autoshard's plans of one workload on one pod."""
     print(f"{w.name} ({t.label}):", file=sys.stderr, flush=True)
     plain = w.setup(devices=t.devices)
-    hand_setup = w.setup(remat=True, devices=t.devices) if w.hand_remat else plain
+    remat = w.setup(remat=True, devices=t.devices)
     rows = []
     for plan in hand_plans(t.devices, [t.two_d], w.heads, w.kv_heads):
-        rows.append(run_hand(w, t, plan, hand_setup, w.hand_remat, opts))
-        _progress(rows[-1])
+        row = None if w.hand_remat else run_hand(w, t, plan, plain, False, opts)
+        if row is not None:
+            rows.append(row)
+            _progress(row)
+        if row is None or (row.ok and not row.fits):  # as a user would: remat, if needed
+            rows.append(run_hand(w, t, plan, remat, True, opts))
+            _progress(rows[-1])
     for shape in (None, t.two_d):
         rows.append(run_autoshard(w, t, shape, plain, opts, plans))
         _progress(rows[-1])

@@ -279,8 +279,9 @@ def notes(rows: list[Row], opts, elapsed: float) -> list[str]:
         "constrained to the plan's batch axis (with_sharding_constraint, as MaxText "
         "constrains its decoder layers); other activations follow XLA's propagation.",
         "remat full: every layer under jax.checkpoint with nothing saved (MaxText's "
-        "default remat_policy), used by the hand plans of a model that fits no hand "
-        "plan without it. autoshard chooses its own remat (remat='auto') when its "
+        "default remat_policy). A hand plan that does not fit is scored again with it; "
+        "the Llama-7B shape's hand plans are scored with it only (on 8 x 80 GB none fits "
+        "without it). autoshard chooses its own remat (remat='auto') when its "
         "memory budget (the device's memory less 10%) binds.",
         "autoshard plans with hardware=h100, donate_argnums=0, time_limit="
         f"{opts.time_limit:g} s per mesh; 'predicted' is its cost model's step time.",
