@@ -41,7 +41,9 @@ def flat_pins(prefix, tree, what: str, target: str) -> list:
             f"autoshard: {what} must be a pytree prefix of {target} (None, a "
             f"PartitionSpec or a NamedSharding per subtree): {e}"
         ) from e
-    return jax.tree_util.tree_leaves(full, is_leaf=lambda x: x is None or is_pin(x))
+    # flatten by the argument's own structure: a None field of the argument (say an
+    # optional state left out) holds no array, so it takes no pin
+    return jax.tree_util.tree_structure(tree).flatten_up_to(full)
 
 
 def to_spec(pin, mesh, shape: tuple[int, ...], what: str) -> Spec | None:

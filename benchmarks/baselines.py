@@ -1,11 +1,20 @@
-"""Hand-written sharding baselines, written as a JAX user would write them.
+"""Hand-written sharding plans, written as a JAX user would write them.
 
-Each baseline is plain ``jax.sharding.NamedSharding`` / ``PartitionSpec`` on a
-``jax.sharding.Mesh`` with Auto axes, passed to ``jax.jit(train_step, in_shardings=...,
-out_shardings=...)``. Rules read the pytree path of each TrainState leaf, e.g.
-``.params['blocks'][0]['mlp']['w1']['kernel'].value``; the optimizer moments
-(``.opt_state[0].mu[...]``, ``.nu[...]``) carry the same path fragments, so they are
-laid out like their parameters. A dimension that does not divide is left unsplit.
+Each plan gives every TrainState leaf and every batch leaf a ``PartitionSpec`` from its
+pytree path, e.g. ``.params['blocks']['mlp']['w1']['kernel'].value`` (the optimizer
+moments ``.opt_state[0].mu[...]``, ``.nu[...]`` carry the same path fragments, so they
+are laid out like their parameters). On local devices the specs go to
+``jax.jit(step, in_shardings=..., out_shardings=...)``; on an abstract mesh they pin
+autoshard's planner (``in_shardings=``), which completes the rest.
+
+A parameter's dimensions get logical names from its module (MaxText's vocabulary):
+``q`` (embed, heads), ``k``/``v`` (embed, kv_heads), ``o`` (heads, embed), ``w1``/
+``w_up``/``w_gate`` (embed, mlp), ``w2``/``w_down`` (mlp, embed), ``head`` (embed,
+vocab), a token embedding (vocab, embed), a position embedding (None, embed), a norm's
+scale or bias (norm,), a bias its kernel's output name; a stacked (scanned) block
+parameter has a leading ``layers`` dimension. A plan maps names to mesh axes; a
+dimension that does not divide over its axes, or a head split that would cut a head,
+stays whole.
 """
 
 from __future__ import annotations
@@ -15,148 +24,186 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import jax
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 Axis = str | tuple[str, ...] | None
-StateRule = Callable[[str, tuple[int, ...]], P]
+Rule = Callable[[str, tuple[int, ...]], P]
 
-# Megatron: column-parallel layers split their output dim (kernel dim 1, bias dim 0),
-# row-parallel layers their input dim (kernel dim 0; their bias stays replicated).
-_COLUMN = re.compile(r"\['(w1|q|k|v)'\]\['(kernel|bias)'\]")
-_ROW = re.compile(r"\['(w2|o)'\]\['kernel'\]")
-_ATTENTION = {"q", "k", "v", "o"}
-
-DP, FSDP, MEGATRON, DP_TP, SHARD_BATCH = (
+DP, FSDP, MEGATRON, DP_TP, MAXTEXT = (
     "data parallel",
     "FSDP (ZeRO-3)",
     "Megatron TP",
-    "data x tensor (2-D)",
-    "shard batch, propagate",
+    "DP x TP",
+    "MaxText rules",
 )
+HAND = (DP, FSDP, MEGATRON, DP_TP, MAXTEXT)
 AUTOSHARD = "autoshard"
 
+_KERNELS = {
+    ("embed", "heads"): {"q"},
+    ("embed", "kv_heads"): {"k", "v"},
+    ("heads", "embed"): {"o"},
+    ("embed", "mlp"): {"w1", "w_up", "w_gate"},
+    ("mlp", "embed"): {"w2", "w_down"},
+    ("embed", "vocab"): {"head"},
+}
+_ROLE = {module: names for names, modules in _KERNELS.items() for module in modules}
+_KEY = re.compile(r"\['([^']+)'\]")
 
-@dataclass(frozen=True)
-class Baseline:
-    """One hand-written layout.
+# MaxText base.yml logical_axis_rules (AI-Hypercomputer/maxtext, MaxText/configs/base.yml)
+# with its mesh reduced to (fsdp, tensor): embed -> fsdp; mlp, heads, kv_heads, vocab and
+# norm -> tensor; activation_batch -> (data, fsdp).
+MAXTEXT_RULES = {
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "norm": "tensor",
+}
 
-    Attributes:
-      name: the method's name in the table.
-      state_rule: ``(path, shape) -> PartitionSpec`` for every TrainState leaf; None
-        leaves the state's input layout and every output layout to the compiler.
-      batch_axis: mesh axis (or tuple of axes) for the batch dim of every batch leaf.
+
+def logical_names(path: str, ndim: int) -> tuple[str | None, ...] | None:
+    """Logical names of a parameter's dimensions from its path; None if unknown.
+
+    >>> logical_names(".params['blocks']['attn']['q']['kernel'].value", 3)
+    ('layers', 'embed', 'heads')
+    >>> logical_names(".opt_state[0].mu['head']['bias'].value", 1)
+    ('vocab',)
     """
+    keys = _KEY.findall(path)
+    if len(keys) < 2:
+        return None
+    module, leaf = keys[-2], keys[-1]
+    if leaf == "embedding":
+        base = ("vocab", "embed") if module in ("tok_embed", "embed") else (None, "embed")
+    elif leaf == "kernel" and module in _ROLE:
+        base = _ROLE[module]
+    elif leaf == "bias" and module in _ROLE:
+        base = _ROLE[module][-1:]
+    elif leaf in ("scale", "bias"):
+        base = ("norm",)
+    else:
+        return None
+    extra = ndim - len(base)
+    if extra not in (0, 1):
+        return None
+    return ("layers",) * extra + base
 
-    name: str
-    state_rule: StateRule | None
-    batch_axis: Axis
 
-
-def axis_size(mesh: jax.sharding.Mesh, axis: Axis) -> int:
+def axis_size(sizes: dict[str, int], axis: Axis) -> int:
     """Devices spanned by ``axis`` (a name, a tuple of names, or None)."""
     if axis is None:
         return 1
-    names = axis if isinstance(axis, tuple) else (axis,)
-    return math.prod(mesh.shape[n] for n in names)
+    return math.prod(sizes[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
 
 
-def split_dim(shape: tuple[int, ...], dim: int, axis: Axis, n: int) -> P:
-    """``axis`` on ``dim`` when it divides by ``n``, else replicated."""
-    if axis is None or dim >= len(shape) or shape[dim] % n:
-        return P()
-    return P(*([None] * dim), axis)
+def _split(n: int, size: int, heads: int | None) -> bool:
+    """Whether a dimension of ``size`` splits over ``n`` devices (whole heads only)."""
+    if n <= 1 or size % n:
+        return False
+    return heads is None or heads % n == 0
 
 
-def replicated(path: str, shape: tuple[int, ...]) -> P:
-    """Every state leaf replicated."""
-    return P()
+def named_rule(
+    rules: dict[str, Axis], sizes: dict[str, int], heads: int, kv_heads: int
+) -> Rule:
+    """A rule that maps each logical name through ``rules`` (unlisted names: whole)."""
+    per_name_heads = {"heads": heads, "kv_heads": kv_heads}
+
+    def rule(path: str, shape: tuple[int, ...]) -> P:
+        names = logical_names(path, len(shape))
+        if names is None:
+            return P()
+        spec, used = [], set()
+        for name, size in zip(names, shape, strict=True):
+            axis = rules.get(name) if name else None
+            n = axis_size(sizes, axis)
+            if axis is None or axis in used or not _split(n, size, per_name_heads.get(name)):
+                spec.append(None)
+            else:
+                spec.append(axis)
+                used.add(axis)
+        return P(*spec)
+
+    return rule
 
 
-def fsdp_rule(axis: Axis, n: int) -> StateRule:
-    """ZeRO-3: each leaf split over ``axis`` on its largest dim that divides by ``n``."""
+def fsdp_rule(axis: Axis, sizes: dict[str, int]) -> Rule:
+    """ZeRO-3: each leaf split over ``axis`` on its largest dimension that divides."""
+    n = axis_size(sizes, axis)
 
     def rule(path: str, shape: tuple[int, ...]) -> P:
         for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
             if shape[dim] % n == 0:
-                return split_dim(shape, dim, axis, n)
+                return P(*([None] * dim), axis)
         return P()
 
     return rule
 
 
-def megatron_rule(axis: Axis, n: int, heads: int | None) -> StateRule:
-    """Column-parallel ``w1``/``q``/``k``/``v``, row-parallel ``w2``/``o``.
+def replicated(path: str, shape: tuple[int, ...]) -> P:
+    """Every state leaf whole on every device."""
+    return P()
 
-    Attention projections are split by whole heads only: with ``heads`` not divisible
-    by ``n`` they stay replicated (cutting a head in two is not Megatron).
+
+@dataclass(frozen=True)
+class HandPlan:
+    """One hand-written layout on one mesh.
+
+    Attributes:
+      name: the method's name in the tables.
+      mesh_shape: the mesh it runs on; ``axis_names`` its axis names.
+      rule: ``(path, shape) -> PartitionSpec`` for every TrainState leaf.
+      batch_axis: mesh axis (or axes) of every batch leaf's first dimension.
     """
 
-    def rule(path: str, shape: tuple[int, ...]) -> P:
-        col, row = _COLUMN.search(path), _ROW.search(path)
-        match = col or row
-        if match is None:
-            return P()
-        if match.group(1) in _ATTENTION and heads is not None and heads % n:
-            return P()
-        return split_dim(shape, len(shape) - 1 if col else 0, axis, n)
-
-    return rule
+    name: str
+    mesh_shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    rule: Rule
+    batch_axis: Axis
 
 
-def all_axes(mesh: jax.sharding.Mesh) -> Axis:
-    """The whole mesh as one axis: its name on a 1-D mesh, else the tuple of names."""
-    names = tuple(mesh.axis_names)
-    return names[0] if len(names) == 1 else names
-
-
-def baselines(mesh: jax.sharding.Mesh, heads: int | None, quick: bool = False) -> list[Baseline]:
-    """The baselines that make sense on ``mesh``.
-
-    Data parallel, FSDP, Megatron and shard-batch treat all devices of the mesh as one
-    axis (on a 1-D mesh, its only axis); data x tensor needs a 2-D mesh (batch on the
-    first axis, Megatron on the second). ``quick``: data parallel and Megatron only.
-    """
-    every = all_axes(mesh)
-    n = axis_size(mesh, every)
+def hand_plans(n: int, two_d: list[tuple[int, int]], heads: int, kv_heads: int):
+    """The hand plans over ``n`` devices: data parallel, FSDP and Megatron over all of
+    them as one axis, and on every 2-D shape ``(a, b)`` in ``two_d`` DP x TP (batch on
+    the first axis, Megatron on the second) and MaxText's rules (FSDP on the first,
+    tensor parallel on the second)."""
+    one = {"x": n}
+    megatron = {"heads": "x", "kv_heads": "x", "mlp": "x", "vocab": "x"}
     out = [
-        Baseline(DP, replicated, every),
-        Baseline(FSDP, fsdp_rule(every, n), every),
-        Baseline(MEGATRON, megatron_rule(every, n, heads), None),
+        HandPlan(DP, (n,), ("x",), replicated, "x"),
+        HandPlan(FSDP, (n,), ("x",), fsdp_rule("x", one), "x"),
+        HandPlan(MEGATRON, (n,), ("x",), named_rule(megatron, one, heads, kv_heads), None),
     ]
-    names = tuple(mesh.axis_names)
-    if len(names) == 2:
-        tp = names[1]
-        out.append(Baseline(DP_TP, megatron_rule(tp, mesh.shape[tp], heads), names[0]))
-    out.append(Baseline(SHARD_BATCH, None, every))
-    if quick:
-        out = [b for b in out if b.name in (DP, MEGATRON)]
+    for a, b in two_d:
+        sizes = {"data": a, "tensor": b}
+        tp = {k: "tensor" for k in megatron}
+        rule = named_rule(tp, sizes, heads, kv_heads)
+        out.append(HandPlan(DP_TP, (a, b), ("data", "tensor"), rule, "data"))
+        sizes = {"fsdp": a, "tensor": b}
+        rule = named_rule(MAXTEXT_RULES, sizes, heads, kv_heads)
+        out.append(HandPlan(MAXTEXT, (a, b), ("fsdp", "tensor"), rule, "fsdp"))
     return out
 
 
-def _shardings(mesh, tree, rule: StateRule):
-    def one(path, leaf):
-        return NamedSharding(mesh, rule(jax.tree_util.keystr(path), tuple(leaf.shape)))
+def specs(plan: HandPlan, state, batch):
+    """``(state specs, batch specs)``: PartitionSpec trees shaped like the inputs."""
+    import jax
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+    sizes = dict(zip(plan.axis_names, plan.mesh_shape, strict=True))
+    n = axis_size(sizes, plan.batch_axis)
 
+    def of_state(path, leaf):
+        return plan.rule(jax.tree_util.keystr(path), tuple(leaf.shape))
 
-def jit_baseline(baseline: Baseline, train_step, mesh: jax.sharding.Mesh, state, batch):
-    """``jax.jit(train_step, in_shardings=..., out_shardings=...)`` for one baseline.
+    def of_batch(path, leaf):
+        if plan.batch_axis is None or leaf.shape[0] % n:
+            return P()
+        return P(plan.batch_axis)
 
-    State flows in and out with one layout; metrics come out replicated. Without a
-    state rule the state's in_shardings entry is None and out_shardings is not given:
-    the compiler picks both (for uncommitted inputs, jax 0.10 lets Shardy propagate
-    a layout onto the parameter).
-    """
-    n = axis_size(mesh, baseline.batch_axis)
-    batch_sh = _shardings(mesh, batch, lambda p, s: split_dim(s, 0, baseline.batch_axis, n))
-    if baseline.state_rule is None:
-        return jax.jit(train_step, in_shardings=(None, batch_sh))
-    state_sh = _shardings(mesh, state, baseline.state_rule)
-    return jax.jit(
-        train_step,
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, NamedSharding(mesh, P())),
+    return (
+        jax.tree_util.tree_map_with_path(of_state, state),
+        jax.tree_util.tree_map_with_path(of_batch, batch),
     )

@@ -1,13 +1,21 @@
-"""Compare autoshard's plans with hand-written sharding baselines.
+"""Compare autoshard's plans with hand-written sharding at real model sizes.
 
-For each workload and mesh, every baseline (data parallel, FSDP, Megatron, 2-D data x
-tensor, shard-the-batch-and-propagate) and autoshard are compiled on 8 emulated CPU
-devices; collectives, flops and memory are read from the compiled programs and priced
-on one reference hardware (see measure.py). Writes results.md, estimated_step_time.png
-and plans.txt (autoshard's plan summaries) to --out and prints the table.
+Part 1, 8 devices, compiled: every workload (GPT-2 small and medium, a 1.3B GPT, a
+Llama-7B shape; layers under scan, built from ShapeDtypeStructs) is compiled, never
+run, on 8 emulated CPU devices under each hand plan (data parallel, FSDP, Megatron,
+DP x TP and MaxText's rules on 2-D meshes) and under autoshard's plan (its own mesh
+choice and fixed meshes). Each program is scored from what XLA compiled (matmul
+flops, collectives, per-device memory; see measure.py) on the reference hardware.
 
-    .venv/bin/python benchmarks/compare.py            # full run, a few minutes
-    .venv/bin/python benchmarks/compare.py --quick --out /tmp/bench   # smoke run
+Part 2, 64 and 256 abstract devices, modelled: the hand plans pin parameters, optimizer
+state and batch (``in_shardings=``), autoshard's planner completes the rest, and the
+cost model scores them next to autoshard's own plan (see pods.py).
+
+A plan whose memory exceeds the device's is marked and never counts as the best hand
+plan. Writes results.md, ratios.png and plans.txt to --out.
+
+    .venv/bin/python benchmarks/compare.py            # full run
+    .venv/bin/python benchmarks/compare.py --quick    # GPT-2 small only, fewer meshes
 """
 
 from __future__ import annotations
@@ -16,174 +24,173 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
-# 8 emulated CPU devices unless the user asked for something else; before jax starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("AUTOSHARD_CACHE", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from baselines import AUTOSHARD, Baseline, baselines, jit_baseline  # noqa: E402
+from baselines import AUTOSHARD, HandPlan, hand_plans, specs  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 from measure import measure  # noqa: E402
-from report import AUTO_MESH, Row, plot, render  # noqa: E402
+from report import Row, plot, render  # noqa: E402
+from workloads import REAL, TINY, Workload, by_name, carry_sharding, fresh  # noqa: E402
 
 import autoshard  # noqa: E402
-from autoshard.models import gpt, mlp  # noqa: E402
-from autoshard.models.common import Setup  # noqa: E402
 
-HARDWARE = autoshard.PRESETS["h100-nvlink"].with_(reduce_scatter=False)
-MESHES = [(8,), (2, 4), (4, 2), (2, 2, 2)]
-QUICK_MESHES = [(8,), (2, 4)]
-AXIS_NAMES = ("x", "y", "z")
-LOSS_TOL = 1e-5
+HARDWARE = autoshard.PRESETS["h100"]
+TWO_D = [(2, 4), (4, 2)]
+AUTO_MESHES = [None, (8,), (2, 4)]
+QUICK_TWO_D = [(2, 4)]
+QUICK_AUTO_MESHES = [None, (2, 4)]
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-@dataclass(frozen=True)
-class Workload:
-    """A named train step: ``make()`` builds its Setup; ``heads`` for Megatron attention."""
-
-    name: str
-    make: Callable[[], Setup]
-    heads: int | None = None
-
-
-GPT_MEDIUM = gpt.GPTConfig(vocab=512, d_model=128, n_heads=4, n_layers=2, seq_len=64, d_ff=512)
-WORKLOADS = [
-    Workload("MLP data-parallel regime", lambda: mlp.setup(mlp.MLPConfig(32, 64, 2), 4096)),
-    Workload("MLP tensor-parallel regime", lambda: mlp.setup(mlp.MLPConfig(64, 2048, 2), 8)),
-    Workload("GPT small", lambda: gpt.setup(gpt.tiny(), 8), heads=gpt.tiny().n_heads),
-    Workload("GPT medium", lambda: gpt.setup(GPT_MEDIUM, 16), heads=GPT_MEDIUM.n_heads),
-]
-QUICK_WORKLOADS = [WORKLOADS[0]]
-
-
-def make_mesh(shape: tuple[int, ...]) -> jax.sharding.Mesh:
-    """A Mesh with Auto axes x, y, z over the first prod(shape) devices."""
+def local_mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> jax.sharding.Mesh:
+    """A Mesh with Auto axes over the first prod(shape) local devices."""
     devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
-    names = AXIS_NAMES[: len(shape)]
     return jax.sharding.Mesh(devices, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-def loss_check(loss: float, ref: float) -> str:
-    """``ok`` when the first-step loss matches the single-device one."""
-    if abs(loss - ref) <= LOSS_TOL:
-        return "ok"
-    return f"MISMATCH: loss {loss:.7f} vs single device {ref:.7f}"
-
-
 def _error(e: Exception) -> str:
-    text = f"{type(e).__name__}: {e}".splitlines()[0][:160]
-    return "ERROR: " + text.replace("|", "/")
+    text = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    return text.replace("|", "/")
 
 
-def run_baseline(w: Workload, s: Setup, shape, b: Baseline, ref: float, opts) -> Row:
-    """Compile, measure and check one hand-written baseline."""
+def jit_hand(plan: HandPlan, setup):
+    """``jax.jit`` of the step with the plan's layouts in and out, state donated."""
+    mesh = local_mesh(plan.mesh_shape, plan.axis_names)
+    state_specs, batch_specs = specs(plan, setup.state, setup.batch)
+
+    def named(tree):
+        return jax.tree.map(lambda p: NamedSharding(mesh, p), tree)
+
+    return jax.jit(
+        fresh(setup.train_step),
+        in_shardings=(named(state_specs), named(batch_specs)),
+        out_shardings=(named(state_specs), NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+
+
+def run_hand(w: Workload, plan: HandPlan, setup, remat: bool, hw) -> Row:
+    """Compile one hand plan and score it."""
+    base = Row(w.name, "8", str(plan.mesh_shape), plan.name, remat="full" if remat else "")
+    mesh = local_mesh(plan.mesh_shape, plan.axis_names)
+    carry = NamedSharding(mesh, P(plan.batch_axis)) if plan.batch_axis else None
     try:
-        jitted = jit_baseline(b, s.train_step, make_mesh(shape), s.state, s.batch)
-        m = measure(jitted, (s.state, s.batch), HARDWARE, opts.runs)
-    except Exception as e:  # report, do not crash the whole comparison
-        return Row(w.name, str(shape), b.name, None, _error(e))
-    return Row(w.name, str(shape), b.name, m, loss_check(m.loss, ref))
+        with carry_sharding(carry):
+            m = measure(jit_hand(plan, setup), (setup.state, setup.batch), hw)
+    except Exception as e:  # report it, do not stop the comparison
+        return base.failed(_error(e))
+    return base.scored(m, hw, seconds=m.compile_time)
 
 
-def run_autoshard(w: Workload, s: Setup, shape, ref: float, opts, plans: list[str]) -> Row:
-    """Plan (trace + ILP) with autoshard on ``shape`` (None: its own choice), then measure."""
-    label = AUTO_MESH if shape is None else str(shape)
+def run_autoshard(w: Workload, shape, setup, hw, opts, plans: list[str]) -> Row:
+    """Plan with autoshard (``shape`` None: its own mesh choice), compile, score."""
+    label = "auto" if shape is None else str(shape)
+    base = Row(w.name, "8", label, AUTOSHARD)
     try:
         step = autoshard.parallelize(
-            s.train_step, mesh=shape, hardware=HARDWARE, time_limit=opts.time_limit
+            fresh(setup.train_step),
+            mesh=shape,
+            hardware=hw,
+            donate_argnums=0,
+            time_limit=opts.time_limit,
+            cache=False,
+            verbose=False,
         )
-        plan = step.plan(s.state, s.batch)
-        m = measure(step, (s.state, s.batch), HARDWARE, opts.runs)
+        t0 = time.perf_counter()
+        plan = step.plan(setup.state, setup.batch)
+        plan_time = time.perf_counter() - t0
+        m = measure(step, (setup.state, setup.batch), hw)
     except Exception as e:
-        return Row(w.name, label, AUTOSHARD, None, _error(e))
-    plans.append(f"## {w.name}, mesh {label}\n\n{plan.summary()}\n")
-    chosen = str(tuple(plan.mesh.devices.shape))
-    return Row(w.name, label, AUTOSHARD, m, loss_check(m.loss, ref), plan.solver.plan_time, chosen)
+        return base.failed(_error(e))
+    plans.append(f"## {w.name}, 8 devices, mesh {label}\n\n{plan.summary()}\n")
+    chosen = str(tuple(plan.mesh.devices.shape)) if shape is None else ""
+    return base.scored(
+        m,
+        hw,
+        seconds=plan_time + m.compile_time,
+        chosen=chosen,
+        predicted=plan.cost.time,
+        predicted_memory=plan.cost.memory["total"],
+        remat=plan.remat.policy if plan.remat else "",
+    )
 
 
 def _progress(r: Row) -> None:
-    est = f"est {r.m.est_time * 1e6:8.2f} us" if r.m else "failed"
-    print(f"  {r.mesh:<10} {r.method:<24} {est}  {r.check}", file=sys.stderr, flush=True)
+    if r.error:
+        what = "ERROR " + r.error
+    else:
+        what = f"est {r.est * 1e3:9.3f} ms  mem {r.memory / 1e9:6.1f} GB  {r.seconds:6.1f} s"
+    remat = f" +remat {r.remat}" if r.remat else ""
+    print(f"  {r.mesh:<9} {r.method + remat:<22} {what}", file=sys.stderr, flush=True)
 
 
-def run_workload(w: Workload, meshes, opts, plans: list[str]) -> list[Row]:
-    """Every baseline and autoshard on every mesh (and autoshard's own mesh choice)."""
-    print(f"{w.name}:", file=sys.stderr, flush=True)
-    s = w.make()
-    ref = float(jax.jit(s.train_step)(s.state, s.batch)[1]["loss"])
+def run_workload(w: Workload, opts, plans: list[str]) -> list[Row]:
+    """Every hand plan and autoshard's plans of one workload on 8 devices."""
+    print(f"{w.name} (8 devices):", file=sys.stderr, flush=True)
+    plain, remat = w.setup(), w.setup(remat=True)
+    two_d = QUICK_TWO_D if opts.quick else TWO_D
     rows = []
-    for shape in meshes:
-        for b in baselines(make_mesh(shape), w.heads, quick=opts.quick):
-            rows.append(run_baseline(w, s, shape, b, ref, opts))
+    for plan in hand_plans(8, two_d, w.heads, w.kv_heads):
+        row = None if w.hand_remat else run_hand(w, plan, plain, False, HARDWARE)
+        if row is not None:
+            rows.append(row)
+            _progress(row)
+        if row is None or (row.ok and not row.fits):  # as a user would: remat, if needed
+            rows.append(run_hand(w, plan, remat, True, HARDWARE))
             _progress(rows[-1])
-        rows.append(run_autoshard(w, s, shape, ref, opts, plans))
-        _progress(rows[-1])
-    if not opts.quick:
-        rows.append(run_autoshard(w, s, None, ref, opts, plans))
+    for shape in QUICK_AUTO_MESHES if opts.quick else AUTO_MESHES:
+        rows.append(run_autoshard(w, shape, plain, HARDWARE, opts, plans))
         _progress(rows[-1])
     return rows
-
-
-def notes_for(rows: list[Row], opts, elapsed: float) -> list[str]:
-    """Caveats printed under the table: what was left out, what failed, how long it took."""
-    notes = [
-        "Data parallel, FSDP, Megatron and shard-batch use all devices of the mesh as one "
-        "axis, so on every mesh they run over the same 8 devices; data x tensor puts the "
-        "batch on the first axis and Megatron on the second (2-D meshes only).",
-        "Megatron splits attention projections by whole heads only (heads % tensor-parallel "
-        "size == 0); otherwise q/k/v/o stay replicated and only the MLP is split.",
-        "shard batch, propagate: in_shardings=(None, batch shardings), no out_shardings; "
-        "with uncommitted inputs jax 0.10 lets the compiler pick the state layout.",
-        f"autoshard plans with hardware={HARDWARE.name} (reduce_scatter=False), "
-        f"time_limit={opts.time_limit:g} s per mesh; plan = trace + all ILP solves.",
-    ]
-    bad = [r for r in rows if r.check != "ok"]
-    for r in bad:
-        notes.append(f"{r.workload}, {r.mesh}, {r.method}: {r.check}")
-    if not bad:
-        notes.append("Every run's first-step loss matched the single-device step.")
-    notes.append(
-        f"Run: {elapsed:.0f} s on {os.cpu_count()} CPU cores, jax {jax.__version__}, "
-        f"{jax.device_count()} emulated CPU devices, {opts.runs} timed steps per run."
-    )
-    return notes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options (``argv`` None: ``sys.argv[1:]``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: one MLP, 2 meshes")
+    ap.add_argument("--quick", action="store_true", help="GPT-2 small only, fewer meshes")
+    ap.add_argument("--tiny", action="store_true", help="tiny models through the same code")
+    ap.add_argument("--workloads", help="comma-separated name fragments, e.g. 'small,llama'")
+    ap.add_argument("--no-pods", action="store_true", help="skip the 64/256-device part")
     ap.add_argument("--out", default=DEFAULT_OUT, help="directory for results.md and the plot")
-    ap.add_argument("--time-limit", type=float, default=30.0, help="ILP seconds per mesh")
-    ap.add_argument("--runs", type=int, default=None, help="timed steps per run (CPU)")
-    opts = ap.parse_args(argv)
-    if opts.runs is None:
-        opts.runs = 2 if opts.quick else 5
-    return opts
+    ap.add_argument("--time-limit", type=float, default=60.0, help="ILP seconds per mesh")
+    return ap.parse_args(argv)
+
+
+def select(opts) -> list[Workload]:
+    pool = TINY if opts.tiny else REAL
+    if opts.workloads:
+        return by_name(opts.workloads, pool)
+    return pool[:1] if opts.quick else pool
 
 
 def main(argv=None) -> int:
-    """Run the comparison; write results.md, estimated_step_time.png, plans.txt to --out."""
+    """Run the comparison; write results.md, ratios.png and plans.txt to --out."""
     opts = parse_args(argv)
     t0 = time.perf_counter()
-    workloads = QUICK_WORKLOADS if opts.quick else WORKLOADS
-    meshes = QUICK_MESHES if opts.quick else MESHES
     rows: list[Row] = []
     plans: list[str] = []
+    workloads = select(opts)
     for w in workloads:
-        rows += run_workload(w, meshes, opts, plans)
-    labels = [str(m) for m in meshes] + ([] if opts.quick else [AUTO_MESH])
-    notes = notes_for(rows, opts, time.perf_counter() - t0)
-    text = render(rows, labels, HARDWARE, notes)
+        rows += run_workload(w, opts, plans)
+    if not opts.no_pods:
+        import pods
+
+        for target in pods.targets(opts.quick):
+            for w in workloads:
+                rows += pods.run_workload(w, target, opts, plans)
+    elapsed = time.perf_counter() - t0
+    text = render(rows, HARDWARE, opts, elapsed)
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(opts.out, "plans.txt"), "w") as f:
         f.write("\n".join(plans))
-    plot(rows, os.path.join(opts.out, "estimated_step_time.png"))
+    plot(rows, os.path.join(opts.out, "ratios.png"))
     print(text)
     return 0
 
