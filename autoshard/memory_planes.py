@@ -53,7 +53,7 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, d
     a deadline (time.perf_counter() seconds), no round starts after it."""
     problem, live = mp.problem, mp.liveness
     request = mp.request if request is None else request
-    node_of_root = {r: i for i, r in enumerate(problem.roots)}
+    node_of_root = mp.node_of_root
     replicated = decode(problem, [0] * len(problem.roots))
     args, prof = live.profile(value_specs(problem, replicated))
     points = _new_points(prof, [], args, budget)
@@ -105,6 +105,7 @@ def _least_memory_fallback(mp: MeshPlan, req: SolverRequest, result: SolverResul
         for c, m in zip(req.node_costs, mem, strict=True)
     )
     obj, bad = evaluate(replace(req, memory=()), choice)
+    choice = mp.expand(choice)
     picks = decode(problem, choice)
     if not bad and _peak(mp.liveness, problem, picks) <= budget * (1 + FIT_TOLERANCE):
         return replace(result, choice=choice, objective=obj, status="fallback"), picks, req
@@ -121,10 +122,10 @@ def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float) -> float 
     args, prof = live.profile(value_specs(problem, decode(problem, [0] * len(problem.roots))))
     if args + prof.max(initial=0.0) <= budget * (1 + FIT_TOLERANCE):
         return None
-    node_of_root = {r: i for i, r in enumerate(problem.roots)}
+    node_of_root = mp.node_of_root
     rows = tuple(live.row(t, node_of_root) for t in _new_points(prof, [], args, budget))
     req = replace(mp.request, memory=rows, memory_budget=None, time_limit=time_limit)
-    floor = memory_floor(req if mp.collapse is None else mp.collapse.request(req))
+    floor = memory_floor(req)
     return floor if floor > budget * (1 + FIT_TOLERANCE) else None
 
 
@@ -134,18 +135,15 @@ def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
     the memory rows alone; plans found under budgets stepped down from the best plan
     known narrow it down."""
     problem, live = mp.problem, mp.liveness
-    node_of_root = {r: i for i, r in enumerate(problem.roots)}
+    node_of_root = mp.node_of_root
     args, prof = live.profile(value_specs(problem, mp.picks))
     points = _new_points(prof, [], args, 0.0)
     free = replace(mp.request, memory=(), memory_budget=None)
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
         req = replace(free, memory=rows)
-        if mp.collapse is None:
-            choice, bound = min_memory(req)
-        else:
-            choice, bound = min_memory(mp.collapse.request(req))
-            choice = mp.collapse.expand(choice)
+        choice, bound = min_memory(req)
+        choice = mp.expand(choice)
         args, prof = live.profile(value_specs(problem, decode(problem, choice)))
         new = _new_points(prof, points, args, bound)
         if not new:

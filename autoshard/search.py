@@ -32,9 +32,10 @@ from autoshard.memory_planes import (  # noqa: F401  (re-exported)
 from autoshard.mesh_plan import MeshPlan, operand_specs, value_specs  # noqa: F401
 from autoshard.mesh_shapes import candidate_shapes, make_mesh  # noqa: F401
 from autoshard.passes.annotate import Layout, partition_spec
+from autoshard.passes.classes import class_problem, skeleton
 from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
 from autoshard.passes.liveness import Liveness
-from autoshard.passes.repeats import collapse_roots, unit_colours
+from autoshard.passes.repeats import unit_colours
 from autoshard.passes.simplify import build_request, decode, merge_followers
 from autoshard.passes.strategies import enumerate_strategies, op_info, source_strategies
 from autoshard.pins import restrict
@@ -66,6 +67,7 @@ def solve_on_mesh(
     progress=None,
     beat: float | None = None,
     infos=None,
+    skel=None,
 ) -> MeshPlan:
     """The cheapest plan on one mesh; with a budget, the cheapest whose per-device
     memory stays within it (result status "infeasible" if none does). pinned: value
@@ -77,29 +79,21 @@ def solve_on_mesh(
     beat, under a budget, a mesh whose memory floor exceeds it is "infeasible"."""
     desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
     hw = hw.for_mesh(desc.shape)  # per-axis numbers from the hardware's levels
-    units = [  # a PRNG key input stays whole
-        source_strategies(info.shape, info.nbytes, desc, hw, info.is_key)
-        for info in (graph.values[v] for v in graph.inputs)
-    ]
-    units += [source_strategies(graph.values[v].shape, 0, desc, hw, True) for v, _ in graph.consts]
-    units += [enumerate_strategies(op, desc, hw) for op in infos or op_infos(graph)]
     if pinned:
-        units = restrict(units, graph, pinned)
         colours = None  # copies of a layer may be pinned differently: each is its own
-    problem = merge_followers(graph, units, desc, hw)
-    request = build_request(problem, time_limit)
-    groups = None if colours is None else collapse_roots(colours, problem.roots, problem.units)
+    if colours is not None:  # mesh work once per class of copies (passes/classes.py)
+        sk = skel if skel is not None else skeleton(graph, infos or op_infos(graph), colours)
+        problem, request, groups = class_problem(sk, graph, desc, hw, time_limit)
+    else:
+        problem, request, groups = _per_operation(graph, desc, hw, time_limit, pinned, infos)
     mp = MeshPlan(mesh, problem, None, (), None, request, groups)
     if progress is not None:
-        n_var = sum(len(c) for c in request.node_costs)
-        progress.solving(
-            desc.shape, len(problem.roots), groups.classes if groups else len(problem.roots), n_var
-        )
+        n_var = sum(len(problem.units[r]) for r in problem.roots)
+        progress.solving(desc.shape, len(problem.roots), len(request.node_costs), n_var)
     if beat is not None:
-        small = request if groups is None else groups.request(request)
         bound = None
-        if _variables(small) <= LP_MAX_VARIABLES:
-            bound = lower_bound(small, min(time_limit, LP_BOUND_TIME))
+        if _variables(request) <= LP_MAX_VARIABLES:
+            bound = lower_bound(request, min(time_limit, LP_BOUND_TIME))
         if bound is None:  # too large to bound in time: its ILP would not finish either
             bound = float("inf")
         if bound >= beat * (1 - MESH_TIE_BREAK):
@@ -121,6 +115,21 @@ def solve_on_mesh(
         return replace(mp, result=result, picks=picks)
     result, picks, req = _within(mp, budget)
     return replace(mp, result=result, picks=picks, request=req)
+
+
+def _per_operation(graph: OpGraph, desc: MeshDesc, hw: Hardware, time_limit, pinned, infos):
+    """(problem, request, None): every operation walked on this mesh (with pins, whose
+    strategies differ between copies)."""
+    units = [  # a PRNG key input stays whole
+        source_strategies(info.shape, info.nbytes, desc, hw, info.is_key)
+        for info in (graph.values[v] for v in graph.inputs)
+    ]
+    units += [source_strategies(graph.values[v].shape, 0, desc, hw, True) for v, _ in graph.consts]
+    units += [enumerate_strategies(op, desc, hw) for op in infos or op_infos(graph)]
+    if pinned:
+        units = restrict(units, graph, pinned)
+    problem = merge_followers(graph, units, desc, hw)
+    return problem, build_request(problem, time_limit), None
 
 
 class MemoryBudgetError(ValueError):
@@ -198,6 +207,7 @@ def search(
     best, tried, over = None, {}, []
     colours = unit_colours(graph) if collapse else None
     infos = op_infos(graph)
+    skel = skeleton(graph, infos, colours) if collapse else None
     pinned = pinned or [None] * len(meshes)
     floors = mesh_floors(graph, meshes, infos, hw)
     for i in mesh_order(meshes, floors):
@@ -208,7 +218,7 @@ def search(
                 progress.skipped(tuple(mesh.axis_sizes), floors[i], beat)
             continue
         mp = solve_on_mesh(
-            graph, mesh, hw, time_limit, budget, donated, pins, colours, progress, beat, infos
+            graph, mesh, hw, time_limit, budget, donated, pins, colours, progress, beat, infos, skel
         )
         if mp.result.status == "skipped":
             if progress is not None:
