@@ -32,7 +32,7 @@ from autoshard.memory_planes import (  # noqa: F401  (re-exported)
 from autoshard.mesh_plan import MeshPlan, operand_specs, value_specs  # noqa: F401
 from autoshard.mesh_shapes import candidate_shapes, make_mesh  # noqa: F401
 from autoshard.passes.annotate import Layout, partition_spec
-from autoshard.passes.classes import class_problem, skeleton
+from autoshard.passes.classes import class_problem, on_mesh, skeleton
 from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
 from autoshard.passes.liveness import Liveness
 from autoshard.passes.repeats import unit_colours
@@ -83,7 +83,7 @@ def solve_on_mesh(
         colours = None  # copies of a layer may be pinned differently: each is its own
     if colours is not None:  # mesh work once per class of copies (passes/classes.py)
         sk = skel if skel is not None else skeleton(graph, infos or op_infos(graph), colours)
-        problem, request, groups = class_problem(sk, graph, desc, hw, time_limit)
+        problem, request, groups = class_problem(sk, graph, on_mesh(sk, desc, hw), time_limit)
     else:
         problem, request, groups = _per_operation(graph, desc, hw, time_limit, pinned, infos)
     mp = MeshPlan(mesh, problem, None, (), None, request, groups)
@@ -149,18 +149,26 @@ class MemoryBudgetError(ValueError):
 def op_infos(graph: OpGraph) -> list:
     """What strategy enumeration needs of each operation (the same on every mesh)."""
     feeds = feeds_contraction(graph)
+    memo: dict = {}  # copies of an operation share one OpInfo
     # all-reduces inside a loop body run every iteration: none is fused with the others
-    return [op_info(graph, n, not feeds[n.id] and n.weight == 1) for n in graph.nodes]
+    return [op_info(graph, n, not feeds[n.id] and n.weight == 1, memo) for n in graph.nodes]
 
 
-def compute_floor(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> float:
-    """No plan on the mesh costs less: every operation's cheapest strategy, times the
-    iterations it runs (resharding and shared latencies only add). Cheap: strategies
-    are enumerated once per operation signature and kept for the mesh's solve."""
-    hw = hw.for_mesh(desc.shape)
+def op_weights(graph: OpGraph, infos) -> dict:
+    """Per distinct operation signature, the iterations its copies run in all."""
     weights: dict = {}
     for node, op in zip(graph.nodes, infos, strict=True):
         weights[op] = weights.get(op, 0) + node.weight
+    return weights
+
+
+def compute_floor(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware, weights=None) -> float:
+    """No plan on the mesh costs less: every operation's cheapest strategy, times the
+    iterations it runs (resharding and shared latencies only add). Cheap: strategies
+    are enumerated once per operation signature and kept for the mesh's solve.
+    weights: `op_weights(graph, infos)`, when known."""
+    hw = hw.for_mesh(desc.shape)
+    weights = op_weights(graph, infos) if weights is None else weights
     cheapest = (min(s.cost for s in enumerate_strategies(op, desc, hw)) for op in weights)
     return sum(w * c for w, c in zip(weights.values(), cheapest, strict=True))
 
@@ -168,7 +176,8 @@ def compute_floor(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> float:
 def mesh_floors(graph: OpGraph, meshes, infos, hw: Hardware) -> list[float]:
     """compute_floor of every candidate mesh."""
     descs = [MeshDesc(tuple(m.axis_sizes), tuple(m.axis_names)) for m in meshes]
-    return [compute_floor(graph, infos, d, hw) for d in descs]
+    weights = op_weights(graph, infos)
+    return [compute_floor(graph, infos, d, hw, weights) for d in descs]
 
 
 def mesh_order(meshes, floors) -> list[int]:

@@ -187,7 +187,7 @@ def _strategies(source, mesh: MeshDesc, hw: Hardware):
     return enumerate_strategies(source, mesh, hw)
 
 
-class _Mesh:
+class MeshWork:
     """One mesh's answers per source, follow class and term, each computed once.
 
     Follow classes that differ only in where their chain starts (a residual stream
@@ -268,13 +268,32 @@ class _Mesh:
         return self._terms[key]
 
 
+def on_mesh(sk: Skeleton, mesh: MeshDesc, hw: Hardware) -> MeshWork:
+    """Strategies and follower maps on one mesh, once per source and follow class."""
+    return MeshWork(sk, mesh, hw)
+
+
 def class_problem(
-    sk: Skeleton, graph: OpGraph, mesh: MeshDesc, hw: Hardware, time_limit: float
+    sk: Skeleton, graph: OpGraph, m: MeshWork, time_limit: float
 ) -> tuple[Problem, SolverRequest, Collapse]:
-    """The merged problem on one mesh, its request over classes of copies (one ILP
+    """The merged problem on m's mesh, its request over classes of copies (one ILP
     node per class) and the classes. Equal, up to float rounding of the sums, to
-    `Collapse.request(build_request(merge_followers(...)))` with the same classes."""
-    m = _Mesh(sk, mesh, hw)
+    `Collapse.request(build_request(merge_followers(...)))` with the same classes.
+
+    Args:
+      sk: `skeleton(graph, infos, colours)`.
+      graph: the operation graph.
+      m: `on_mesh(sk, mesh, hw)`.
+      time_limit: the request's solver time limit.
+
+    Returns:
+      (problem, request, collapse).
+
+    Example:
+      >>> sk = skeleton(graph, search.op_infos(graph), unit_colours(graph))  # doctest: +SKIP
+      >>> problem, request, collapse = class_problem(sk, graph, on_mesh(sk, desc, hw), 60.0)
+    """
+    mesh, hw = m.mesh, m.hw
     units = tuple(m.strategies[s] for s in sk.unit_source)
     problem = Problem(
         graph,
@@ -307,7 +326,7 @@ def class_problem(
     return problem, request, collapse
 
 
-def _edges(sk: Skeleton, m: _Mesh, costs) -> tuple[Edge, ...]:
+def _edges(sk: Skeleton, m: MeshWork, costs) -> tuple[Edge, ...]:
     """Edges between classes, merged when their layout classes agree; an edge within
     one class adds its diagonal to the class's own costs."""
     edges: dict = {}
@@ -325,7 +344,7 @@ def _edges(sk: Skeleton, m: _Mesh, costs) -> tuple[Edge, ...]:
     return tuple(edges.values())
 
 
-def _ties(sk: Skeleton, m: _Mesh) -> tuple[Tie, ...]:
+def _ties(sk: Skeleton, m: MeshWork) -> tuple[Tie, ...]:
     ties: dict = {}
     for cu, cv, (fi, ki, fo, ko) in sk.ties:
         index: dict = {}
@@ -335,7 +354,7 @@ def _ties(sk: Skeleton, m: _Mesh) -> tuple[Tie, ...]:
     return tuple(ties.values())
 
 
-def _fused(sk: Skeleton, m: _Mesh) -> tuple[SharedCost, ...]:
+def _fused(sk: Skeleton, m: MeshWork) -> tuple[SharedCost, ...]:
     """One latency per mesh-axis group of fused all-reduces, shared by every class
     strategy whose members' strategies join that group."""
     joins: dict = {}  # canonical follow class -> {group: root strategies that join it}
