@@ -76,23 +76,29 @@ def solve_on_mesh(
     With beat (the best cost found on another mesh), a mesh whose LP lower bound is
     not below it, or whose LP relaxation does not finish within LP_BOUND_TIME, is not
     solved: the result has status "skipped" and the bound (inf when unknown). Without
-    beat, under a budget, a mesh whose memory floor exceeds it is "infeasible"."""
+    beat, under a budget, a mesh whose memory floor exceeds it is "infeasible".
+    infos and skel (`op_infos`, `passes.classes.skeleton`) may be passed in when
+    known. The plan's request is over its ILP nodes: one per class of copies."""
     desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
     hw = hw.for_mesh(desc.shape)  # per-axis numbers from the hardware's levels
     if pinned:
         colours = None  # copies of a layer may be pinned differently: each is its own
     if colours is not None:  # mesh work once per class of copies (passes/classes.py)
         sk = skel if skel is not None else skeleton(graph, infos or op_infos(graph), colours)
-        problem, request, groups = class_problem(sk, graph, on_mesh(sk, desc, hw), time_limit)
+        # with a plan to beat, a problem too large to bound is not built in full
+        limit = LP_MAX_VARIABLES if beat is not None else None
+        work = on_mesh(sk, desc, hw)
+        problem, request, groups = class_problem(sk, graph, work, time_limit, limit)
     else:
         problem, request, groups = _per_operation(graph, desc, hw, time_limit, pinned, infos)
     mp = MeshPlan(mesh, problem, None, (), None, request, groups)
     if progress is not None:
         n_var = sum(len(problem.units[r]) for r in problem.roots)
-        progress.solving(desc.shape, len(problem.roots), len(request.node_costs), n_var)
+        n_ilp = groups.classes if groups is not None else len(problem.roots)
+        progress.solving(desc.shape, len(problem.roots), n_ilp, n_var)
     if beat is not None:
         bound = None
-        if _variables(request) <= LP_MAX_VARIABLES:
+        if request is not None and _variables(request) <= LP_MAX_VARIABLES:
             bound = lower_bound(request, min(time_limit, LP_BOUND_TIME))
         if bound is None:  # too large to bound in time: its ILP would not finish either
             bound = float("inf")

@@ -274,8 +274,8 @@ def on_mesh(sk: Skeleton, mesh: MeshDesc, hw: Hardware) -> MeshWork:
 
 
 def class_problem(
-    sk: Skeleton, graph: OpGraph, m: MeshWork, time_limit: float
-) -> tuple[Problem, SolverRequest, Collapse]:
+    sk: Skeleton, graph: OpGraph, m: MeshWork, time_limit: float, max_variables=None
+) -> tuple[Problem, SolverRequest | None, Collapse]:
     """The merged problem on m's mesh, its request over classes of copies (one ILP
     node per class) and the classes. Equal, up to float rounding of the sums, to
     `Collapse.request(build_request(merge_followers(...)))` with the same classes.
@@ -285,6 +285,8 @@ def class_problem(
       graph: the operation graph.
       m: `on_mesh(sk, mesh, hw)`.
       time_limit: the request's solver time limit.
+      max_variables: if given, building stops as soon as the request has more
+        variables (strategies and edge entries) than this, and request is None.
 
     Returns:
       (problem, request, collapse).
@@ -316,20 +318,20 @@ def class_problem(
         costs[c] += w * m.cost(f)
     for c, t, w in sk.inner:
         costs[c] += w * m.inner(t)
-    request = SolverRequest(
-        tuple(costs),
-        _edges(sk, m, costs),
-        _ties(sk, m),
-        time_limit,
-        _fused(sk, m),
-    )
+    room = None if max_variables is None else max_variables - sum(size)
+    edges = _edges(sk, m, costs, room)
+    if edges is None:
+        return problem, None, collapse
+    request = SolverRequest(tuple(costs), edges, _ties(sk, m), time_limit, _fused(sk, m))
     return problem, request, collapse
 
 
-def _edges(sk: Skeleton, m: MeshWork, costs) -> tuple[Edge, ...]:
+def _edges(sk: Skeleton, m: MeshWork, costs, room=None) -> tuple[Edge, ...] | None:
     """Edges between classes, merged when their layout classes agree; an edge within
-    one class adds its diagonal to the class's own costs."""
+    one class adds its diagonal to the class's own costs. None once the edges have
+    more entries than room (when given)."""
     edges: dict = {}
+    entries = 0
     for cu, cv, t, w in sk.edges:
         e = m.edge(t)
         if e is None:
@@ -340,6 +342,10 @@ def _edges(sk: Skeleton, m: MeshWork, costs) -> tuple[Edge, ...]:
             continue
         key = (cu, cv, uc.tobytes(), vc.tobytes())
         old = edges.get(key)
+        if old is None:
+            entries += cost.size
+            if room is not None and entries > room:
+                return None
         edges[key] = Edge(cu, cv, uc, vc, w * cost if old is None else old.cost + w * cost)
     return tuple(edges.values())
 
