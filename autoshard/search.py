@@ -162,9 +162,13 @@ def op_infos(graph: OpGraph) -> list:
 
 def op_weights(graph: OpGraph, infos) -> dict:
     """Per distinct operation signature, the iterations its copies run in all."""
-    weights: dict = {}
+    by_id: dict = {}  # copies share one OpInfo: hashing each once is what costs
     for node, op in zip(graph.nodes, infos, strict=True):
-        weights[op] = weights.get(op, 0) + node.weight
+        entry = by_id.setdefault(id(op), [op, 0])
+        entry[1] += node.weight
+    weights: dict = {}
+    for op, w in by_id.values():
+        weights[op] = weights.get(op, 0) + w
     return weights
 
 

@@ -89,7 +89,11 @@ def skeleton(graph: OpGraph, infos, colours) -> Skeleton:
     infos_in = (graph.values[v] for v in graph.inputs)
     usrc = [_intern(srcs, ("src", i.shape, i.nbytes, i.is_key)) for i in infos_in]
     usrc += [_intern(srcs, ("src", graph.values[v].shape, 0, True)) for v, _ in graph.consts]
-    usrc += [_intern(srcs, op) for op in infos]
+    by_id: dict = {}  # copies share one OpInfo: each is hashed once
+    usrc += [
+        by_id[id(op)] if id(op) in by_id else by_id.setdefault(id(op), _intern(srcs, op))
+        for op in infos
+    ]
     value_src = {v: (i, 0) for i, v in enumerate([*graph.inputs, *(c for c, _ in graph.consts)])}
     for node in graph.nodes:
         value_src.update({v: (n_in + node.id, k) for k, v in enumerate(node.outputs)})
