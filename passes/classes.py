@@ -85,30 +85,11 @@ def skeleton(graph: OpGraph, infos, colours) -> Skeleton:
     """The skeleton of graph's problem (infos: `search.op_infos`, colours:
     `repeats.unit_colours`, one per unit). Pure; no mesh involved."""
     n_in = len(graph.inputs) + len(graph.consts)
-    srcs: dict = {}
-    infos_in = (graph.values[v] for v in graph.inputs)
-    usrc = [_intern(srcs, ("src", i.shape, i.nbytes, i.is_key)) for i in infos_in]
-    usrc += [_intern(srcs, ("src", graph.values[v].shape, 0, True)) for v, _ in graph.consts]
-    by_id: dict = {}  # copies share one OpInfo: each is hashed once
-    usrc += [
-        by_id[id(op)] if id(op) in by_id else by_id.setdefault(id(op), _intern(srcs, op))
-        for op in infos
-    ]
+    srcs, usrc = _sources(graph, infos)
     value_src = {v: (i, 0) for i, v in enumerate([*graph.inputs, *(c for c, _ in graph.consts)])}
     for node in graph.nodes:
         value_src.update({v: (n_in + node.id, k) for k, v in enumerate(node.outputs)})
-    follows: dict = {}
-    ufol = [_intern(follows, (s, -1, 0, 0, 0)) for s in usrc]
-    root_of, followed = list(range(len(usrc))), [None] * len(usrc)
-    weak = weak_values(graph)
-    for node in graph.nodes:
-        u, pos = n_in + node.id, _followed_operand(graph, node, weak)
-        if pos is None:
-            continue
-        v = node.inputs[pos]
-        p, idx = value_src[v]
-        ufol[u] = _intern(follows, (usrc[u], ufol[p], pos, idx, graph.values[v].nbytes))
-        root_of[u], followed[u] = root_of[p], pos
+    follows, ufol, root_of, followed = _follow_classes(graph, n_in, usrc, value_src)
     roots = tuple(u for u in range(len(usrc)) if root_of[u] == u)
     # copies: equal colours and the same strategies (whether an all-reduce is fused
     # changes costs, not the strategies: such copies share variables, costs summed)
@@ -123,14 +104,6 @@ def skeleton(graph: OpGraph, infos, colours) -> Skeleton:
     members: list[dict] = [{} for _ in range(len(index))]
     for u, f in enumerate(ufol):
         members[cls[u]][f] = None
-    pairs = [(graph.inputs[i], graph.outputs[o]) for i, o in graph.ties] + list(graph.value_ties)
-    ties: dict = {}
-    for vi, vo in pairs:
-        if isinstance(vo, Lit) or vo == vi:
-            continue
-        (ui, ki), (uo, ko) = value_src[vi], value_src[vo]
-        key = (cls[root_of[ui]], cls[root_of[uo]], (ufol[ui], ki, ufol[uo], ko))
-        ties.setdefault(key, key)
     return Skeleton(
         tuple(srcs),
         tuple(usrc),
@@ -144,10 +117,56 @@ def skeleton(graph: OpGraph, infos, colours) -> Skeleton:
         costs,
         inner,
         edges,
-        tuple(ties),
+        _tie_terms(graph, value_src, root_of, ufol, cls),
         tuple(tuple(m) for m in members),
         terms,
     )
+
+
+def _sources(graph: OpGraph, infos) -> tuple[dict, list[int]]:
+    """(distinct sources, per unit its source)."""
+    srcs: dict = {}
+    infos_in = (graph.values[v] for v in graph.inputs)
+    usrc = [_intern(srcs, ("src", i.shape, i.nbytes, i.is_key)) for i in infos_in]
+    usrc += [_intern(srcs, ("src", graph.values[v].shape, 0, True)) for v, _ in graph.consts]
+    by_id: dict = {}  # copies share one OpInfo: each is hashed once
+    usrc += [
+        by_id[id(op)] if id(op) in by_id else by_id.setdefault(id(op), _intern(srcs, op))
+        for op in infos
+    ]
+    return srcs, usrc
+
+
+def _follow_classes(graph: OpGraph, n_in: int, usrc, value_src):
+    """(follow classes, per unit its follow class, root and followed operand), as
+    `simplify.merge_followers` chooses them."""
+    follows: dict = {}
+    ufol = [_intern(follows, (s, -1, 0, 0, 0)) for s in usrc]
+    root_of, followed = list(range(len(usrc))), [None] * len(usrc)
+    weak = weak_values(graph)
+    for node in graph.nodes:
+        u, pos = n_in + node.id, _followed_operand(graph, node, weak)
+        if pos is None:
+            continue
+        v = node.inputs[pos]
+        p, idx = value_src[v]
+        ufol[u] = _intern(follows, (usrc[u], ufol[p], pos, idx, graph.values[v].nbytes))
+        root_of[u], followed[u] = root_of[p], pos
+    return follows, ufol, root_of, followed
+
+
+def _tie_terms(graph: OpGraph, value_src, root_of, ufol, cls) -> tuple:
+    """(class, class, (follow class, output, follow class, output)) per distinct state
+    tie (state in and out, loop carries), first-seen order."""
+    pairs = [(graph.inputs[i], graph.outputs[o]) for i, o in graph.ties] + list(graph.value_ties)
+    ties: dict = {}
+    for vi, vo in pairs:
+        if isinstance(vo, Lit) or vo == vi:
+            continue
+        (ui, ki), (uo, ko) = value_src[vi], value_src[vo]
+        key = (cls[root_of[ui]], cls[root_of[uo]], (ufol[ui], ki, ufol[uo], ko))
+        ties.setdefault(key, key)
+    return tuple(ties)
 
 
 def _counts(graph: OpGraph, n_in, value_src, root_of, ufol, cls):
