@@ -62,7 +62,7 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, d
     (time.perf_counter() seconds), no round starts after it."""
     problem, live = mp.problem, mp.liveness
     request = mp.request if request is None else request
-    node_of_root = {r: i for i, r in enumerate(problem.roots)}
+    node_of_root = mp.node_of_root
     replicated = decode(problem, [0] * len(problem.roots))
     args, prof = live.profile(value_specs(problem, replicated))
     points = list(mp.memory_points) or _new_points(prof, [], args, budget)
@@ -123,16 +123,17 @@ def _least_memory_fallback(mp: MeshPlan, req: SolverRequest, result: SolverResul
         int(np.lexsort((np.asarray(c, float), m))[0])
         for c, m in zip(req.node_costs, mem, strict=True)
     )
-    fits = []  # (objective, choice, picks) of the candidates that fit
+    fits = []  # (objective, choice per root, picks) of the candidates that fit
     for ch in (choice, mp.least) if mp.least is not None else (choice,):
         obj, bad = evaluate(replace(req, memory=()), ch)
-        picks = decode(problem, ch)
+        full = mp.expand(ch)
+        picks = decode(problem, full)
         if not bad and _peak(mp.liveness, problem, picks) <= budget * (1 + FIT_TOLERANCE):
-            fits.append((obj, ch, picks))
+            fits.append((obj, full, picks))
     if fits:
         obj, ch, picks = min(fits, key=lambda f: f[0])
         return replace(result, choice=ch, objective=obj, status="fallback"), picks, req
-    return replace(result, status="timed_out"), decode(problem, choice), req
+    return replace(result, status="timed_out"), decode(problem, mp.expand(choice)), req
 
 
 def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float):
@@ -152,7 +153,7 @@ def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float):
     args, prof = live.profile(value_specs(problem, picks))
     if args + prof.max(initial=0.0) <= budget * (1 + FIT_TOLERANCE):
         return None, None, (), 0.0
-    node_of_root = {r: i for i, r in enumerate(problem.roots)}
+    node_of_root = mp.node_of_root
     points = _new_points(prof, [], args, budget)
     deadline = time.perf_counter() + time_limit
     best, high = None, np.inf
@@ -161,12 +162,8 @@ def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float):
         rows = tuple(live.row(t, node_of_root) for t in points)
         left = max(0.5, deadline - time.perf_counter())
         req = replace(mp.request, memory=rows, memory_budget=None, time_limit=left)
-        if mp.collapse is None:
-            choice, _, floor = min_memory_bound(req)
-        else:
-            choice, _, floor = min_memory_bound(mp.collapse.request(req))
-            choice = mp.collapse.expand(choice)
-        picks = decode(problem, choice)
+        choice, _, floor = min_memory_bound(req)
+        picks = decode(problem, mp.expand(choice))
         peak = _peak(live, problem, picks)
         if peak < high:
             best, high = choice, peak
@@ -190,18 +187,15 @@ def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
     the memory rows alone; plans found under budgets stepped down from the best plan
     known narrow it down."""
     problem, live = mp.problem, mp.liveness
-    node_of_root = {r: i for i, r in enumerate(problem.roots)}
+    node_of_root = mp.node_of_root
     args, prof = live.profile(value_specs(problem, mp.picks))
     points = _new_points(prof, [], args, 0.0)
     free = replace(mp.request, memory=(), memory_budget=None)
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
         req = replace(free, memory=rows)
-        if mp.collapse is None:
-            choice, bound = min_memory(req)
-        else:
-            choice, bound = min_memory(mp.collapse.request(req))
-            choice = mp.collapse.expand(choice)
+        choice, bound = min_memory(req)
+        choice = mp.expand(choice)
         args, prof = live.profile(value_specs(problem, decode(problem, choice)))
         new = _new_points(prof, points, args, bound)
         if not new:

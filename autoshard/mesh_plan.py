@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 
 from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.ilp import SolverRequest, SolverResult
+from autoshard.cost_model.ilp import solve as _solve
 from autoshard.passes.annotate import Layout
 from autoshard.passes.liveness import Liveness
 from autoshard.passes.repeats import Collapse
-from autoshard.passes.repeats import solve as _solve_collapsed
 from autoshard.passes.simplify import Problem
 
 
@@ -21,11 +21,13 @@ class MeshPlan:
 
     mesh: jax.sharding.Mesh
     problem: Problem
-    result: SolverResult
+    result: SolverResult  # its choice is per root unit
     picks: tuple[int, ...]  # strategy index per unit
     liveness: Liveness | None  # None for a mesh the search skipped
-    request: SolverRequest  # with the memory rows of a budget, if one applied
-    collapse: Collapse | None = None  # ILP nodes that share variables (repeated layers)
+    # over the ILP's nodes (one per class of copies with a collapse), with the memory
+    # rows of a budget, if one applied
+    request: SolverRequest
+    collapse: Collapse | None = None  # root units that share variables (repeated layers)
     # a lower bound on the per-device memory of every plan, when one excluded the budget
     memory_floor: float | None = None
     # the least-memory plan (per ILP node) the memory cutting planes found, if they ran:
@@ -37,8 +39,21 @@ class MeshPlan:
     rows_floor: float = 0.0
 
     def solve(self, request: SolverRequest) -> SolverResult:
-        """Solve a request over this problem's ILP nodes, copies sharing variables."""
-        return _solve_collapsed(request, self.collapse)
+        """Solve a request over this plan's ILP nodes; the choice comes back per root."""
+        res = _solve(request)
+        return replace(res, choice=self.expand(res.choice))
+
+    def expand(self, choice) -> tuple[int, ...]:
+        """Per root unit, the choice of its ILP node."""
+        return tuple(choice) if self.collapse is None else self.collapse.expand(choice)
+
+    @property
+    def node_of_root(self) -> dict[int, int]:
+        """Root unit -> its ILP node (memory rows are built over these)."""
+        roots = self.problem.roots
+        if self.collapse is None:
+            return {r: i for i, r in enumerate(roots)}
+        return dict(zip(roots, self.collapse.node_class.tolist(), strict=True))
 
     def layout(self) -> Layout:
         p = self.problem

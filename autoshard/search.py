@@ -33,9 +33,10 @@ from autoshard.memory_planes import (  # noqa: F401  (re-exported)
 from autoshard.mesh_plan import MeshPlan, operand_specs, value_specs  # noqa: F401
 from autoshard.mesh_shapes import candidate_shapes, make_mesh  # noqa: F401
 from autoshard.passes.annotate import Layout, partition_spec
+from autoshard.passes.classes import class_problem, on_mesh, skeleton
 from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
 from autoshard.passes.liveness import Liveness
-from autoshard.passes.repeats import collapse_roots, unit_colours
+from autoshard.passes.repeats import unit_colours
 from autoshard.passes.simplify import build_request, decode, merge_followers
 from autoshard.passes.strategies import enumerate_strategies, op_info, source_strategies
 from autoshard.pins import restrict
@@ -69,6 +70,7 @@ def solve_on_mesh(
     progress=None,
     beat: float | None = None,
     infos=None,
+    skel=None,
 ) -> MeshPlan:
     """The cheapest plan on one mesh; with a budget, the cheapest whose per-device
     memory stays within it (result status "infeasible" if none does). pinned: value
@@ -77,32 +79,30 @@ def solve_on_mesh(
     With beat (the best cost found on another mesh), a mesh whose LP lower bound is
     not below it, or whose LP relaxation does not finish within LP_BOUND_TIME, is not
     solved: the result has status "skipped" and the bound (inf when unknown). Without
-    beat, under a budget, a mesh whose memory floor exceeds it is "infeasible"."""
+    beat, under a budget, a mesh whose memory floor exceeds it is "infeasible".
+    infos and skel (`op_infos`, `passes.classes.skeleton`) may be passed in when
+    known. The plan's request is over its ILP nodes: one per class of copies."""
     desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
     hw = hw.for_mesh(desc.shape)  # per-axis numbers from the hardware's levels
-    units = [  # a PRNG key input stays whole
-        source_strategies(info.shape, info.nbytes, desc, hw, info.is_key)
-        for info in (graph.values[v] for v in graph.inputs)
-    ]
-    units += [source_strategies(graph.values[v].shape, 0, desc, hw, True) for v, _ in graph.consts]
-    units += [enumerate_strategies(op, desc, hw) for op in infos or op_infos(graph)]
     if pinned:
-        units = restrict(units, graph, pinned)
         colours = None  # copies of a layer may be pinned differently: each is its own
-    problem = merge_followers(graph, units, desc, hw)
-    request = build_request(problem, time_limit)
-    groups = None if colours is None else collapse_roots(colours, problem.roots, problem.units)
+    if colours is not None:  # mesh work once per class of copies (passes/classes.py)
+        sk = skel if skel is not None else skeleton(graph, infos or op_infos(graph), colours)
+        # with a plan to beat, a problem too large to bound is not built in full
+        limit = LP_MAX_VARIABLES if beat is not None else None
+        work = on_mesh(sk, desc, hw)
+        problem, request, groups = class_problem(sk, graph, work, time_limit, limit)
+    else:
+        problem, request, groups = _per_operation(graph, desc, hw, time_limit, pinned, infos)
     mp = MeshPlan(mesh, problem, None, (), None, request, groups)
     if progress is not None:
-        n_var = sum(len(c) for c in request.node_costs)
-        progress.solving(
-            desc.shape, len(problem.roots), groups.classes if groups else len(problem.roots), n_var
-        )
+        n_var = sum(len(problem.units[r]) for r in problem.roots)
+        n_ilp = groups.classes if groups is not None else len(problem.roots)
+        progress.solving(desc.shape, len(problem.roots), n_ilp, n_var)
     if beat is not None:
-        small = request if groups is None else groups.request(request)
         bound = None
-        if _variables(small) <= LP_MAX_VARIABLES:
-            bound = lower_bound(small, min(time_limit, LP_BOUND_TIME))
+        if request is not None and _variables(request) <= LP_MAX_VARIABLES:
+            bound = lower_bound(request, min(time_limit, LP_BOUND_TIME))
         if bound is None:  # too large to bound in time: its ILP would not finish either
             bound = float("inf")
         if bound >= beat * (1 - MESH_TIE_BREAK):
@@ -119,7 +119,7 @@ def solve_on_mesh(
         mp = replace(mp, least=least, memory_points=points, rows_floor=rows_floor)
         if floor is not None:
             none = SolverResult((0,) * len(problem.roots), float("inf"), "infeasible", 0.0, 0, 0)
-            picks = decode(problem, least)
+            picks = decode(problem, mp.expand(least))
             return replace(mp, result=none, picks=picks, memory_floor=floor)
     result = mp.solve(request)
     picks = decode(problem, result.choice)
@@ -127,6 +127,21 @@ def solve_on_mesh(
         return replace(mp, result=result, picks=picks)
     result, picks, req = _within(mp, budget)
     return replace(mp, result=result, picks=picks, request=req)
+
+
+def _per_operation(graph: OpGraph, desc: MeshDesc, hw: Hardware, time_limit, pinned, infos):
+    """(problem, request, None): every operation walked on this mesh (with pins, whose
+    strategies differ between copies)."""
+    units = [  # a PRNG key input stays whole
+        source_strategies(info.shape, info.nbytes, desc, hw, info.is_key)
+        for info in (graph.values[v] for v in graph.inputs)
+    ]
+    units += [source_strategies(graph.values[v].shape, 0, desc, hw, True) for v, _ in graph.consts]
+    units += [enumerate_strategies(op, desc, hw) for op in infos or op_infos(graph)]
+    if pinned:
+        units = restrict(units, graph, pinned)
+    problem = merge_followers(graph, units, desc, hw)
+    return problem, build_request(problem, time_limit), None
 
 
 class MemoryBudgetError(ValueError):
@@ -146,18 +161,30 @@ class MemoryBudgetError(ValueError):
 def op_infos(graph: OpGraph) -> list:
     """What strategy enumeration needs of each operation (the same on every mesh)."""
     feeds = feeds_contraction(graph)
+    memo: dict = {}  # copies of an operation share one OpInfo
     # all-reduces inside a loop body run every iteration: none is fused with the others
-    return [op_info(graph, n, not feeds[n.id] and n.weight == 1) for n in graph.nodes]
+    return [op_info(graph, n, not feeds[n.id] and n.weight == 1, memo) for n in graph.nodes]
 
 
-def compute_floor(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> float:
+def op_weights(graph: OpGraph, infos) -> dict:
+    """Per distinct operation signature, the iterations its copies run in all."""
+    by_id: dict = {}  # copies share one OpInfo: hashing each once is what costs
+    for node, op in zip(graph.nodes, infos, strict=True):
+        entry = by_id.setdefault(id(op), [op, 0])
+        entry[1] += node.weight
+    weights: dict = {}
+    for op, w in by_id.values():
+        weights[op] = weights.get(op, 0) + w
+    return weights
+
+
+def compute_floor(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware, weights=None) -> float:
     """No plan on the mesh costs less: every operation's cheapest strategy, times the
     iterations it runs (resharding and shared latencies only add). Cheap: strategies
-    are enumerated once per operation signature and kept for the mesh's solve."""
+    are enumerated once per operation signature and kept for the mesh's solve.
+    weights: `op_weights(graph, infos)`, when known."""
     hw = hw.for_mesh(desc.shape)
-    weights: dict = {}
-    for node, op in zip(graph.nodes, infos, strict=True):
-        weights[op] = weights.get(op, 0) + node.weight
+    weights = op_weights(graph, infos) if weights is None else weights
     cheapest = (min(s.cost for s in enumerate_strategies(op, desc, hw)) for op in weights)
     return sum(w * c for w, c in zip(weights.values(), cheapest, strict=True))
 
@@ -165,7 +192,8 @@ def compute_floor(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> float:
 def mesh_floors(graph: OpGraph, meshes, infos, hw: Hardware) -> list[float]:
     """compute_floor of every candidate mesh."""
     descs = [MeshDesc(tuple(m.axis_sizes), tuple(m.axis_names)) for m in meshes]
-    return [compute_floor(graph, infos, d, hw) for d in descs]
+    weights = op_weights(graph, infos)
+    return [compute_floor(graph, infos, d, hw, weights) for d in descs]
 
 
 def mesh_order(meshes, floors) -> list[int]:
@@ -224,6 +252,7 @@ def search(
     best, best_i, tried, over = None, -1, {}, []
     colours = unit_colours(graph) if collapse else None
     infos = op_infos(graph)
+    skel = skeleton(graph, infos, colours) if collapse else None
     pinned = pinned or [None] * len(meshes)
     floors = mesh_floors(graph, meshes, infos, hw)
     for i in mesh_order(meshes, floors):
@@ -234,7 +263,7 @@ def search(
                 progress.skipped(tuple(mesh.axis_sizes), floors[i], beat)
             continue
         mp = solve_on_mesh(
-            graph, mesh, hw, time_limit, budget, donated, pins, colours, progress, beat, infos
+            graph, mesh, hw, time_limit, budget, donated, pins, colours, progress, beat, infos, skel
         )
         if mp.result.status == "skipped":
             if progress is not None:

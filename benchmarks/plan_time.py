@@ -37,8 +37,9 @@ MODELS = ("gpt12", "gpt24", "gpt48", "gpt1.3b", "llama7b", "llama7b-bf16")
 MESHES = ("8", "2x4", "none")
 QUICK = ("gpt12:8", "gpt12:2x4", "gpt12:none")
 PHASES = ("trace", "graph", "strategies", "build", "solve")
-# trace: jax tracing; graph: jaxpr -> OpGraph; strategies: enumeration and follower
-# merging; build: the ILP request; solve: HiGHS; other: the rest (memory rows, layout).
+# trace: jax tracing; graph: jaxpr -> OpGraph; strategies: operation infos, enumeration
+# and follower merging; build: the ILP request; solve: HiGHS (the LP bounds included);
+# other: the rest (colours of repeated layers, liveness, layout and accounting).
 
 
 def _config(name: str):
@@ -118,6 +119,11 @@ _SEARCH_HOOKS = (
     ("enumerate_strategies", "strategies"),
     ("merge_followers", "strategies"),
     ("build_request", "build"),
+    # the same work done once per class of repeated layers (passes/classes.py)
+    ("op_infos", "strategies"),
+    ("skeleton", "strategies"),
+    ("on_mesh", "strategies"),
+    ("class_problem", "build"),
 )
 
 

@@ -28,22 +28,49 @@ def live_sets(
     A value lives from the operation that makes it to its last reader. Values no
     operation makes (step arguments) are not listed: they are counted as arguments.
     """
+    spans = live_intervals(produced, consumed, keep, materialized, reuse)
+    out: list[list[int]] = [[] for _ in produced]
+    for v in sorted(spans):
+        first, last = spans[v]
+        for i in range(first, last + 1):
+            out[i].append(v)
+    return out
+
+
+def live_intervals(
+    produced: Sequence[Sequence[int]],
+    consumed: Sequence[Sequence[int]],
+    keep: set[int],
+    materialized: set[int] | None = None,
+    reuse: Sequence[int | None] | None = None,
+) -> dict[int, tuple[int, int]]:
+    """The same walk as `live_sets`, kept as one (first, last) operation per value that
+    is ever alive: a value is made once and dies once, so it is alive at exactly the
+    operations first..last. Linear in the number of values (the sets are not)."""
     last = {}
     for i, vs in enumerate(consumed):
         for v in vs:
             last[v] = i
     live: set[int] = set()
-    out = []
+    first: dict[int, int] = {}
+    spans: dict[int, tuple[int, int]] = {}
     for i, made in enumerate(produced):
         r = reuse[i] if reuse is not None else None
-        if r is not None and last.get(r) == i and r not in keep:
+        if r is not None and last.get(r) == i and r not in keep and r in live:
             live.discard(r)  # the result is written into r's buffer
-        live |= {v for v in made if materialized is None or v in materialized}
-        out.append(sorted(live))
+            spans[r] = (first[r], i - 1)
+        for v in made:
+            if (materialized is None or v in materialized) and v not in live:
+                live.add(v)
+                first[v] = i
         dead = {v for v in consumed[i] if last.get(v) == i and v not in keep}
         dead |= {v for v in made if v not in last and v not in keep}
+        for v in dead & live:
+            spans[v] = (first[v], i)
         live -= dead
-    return out
+    for v in live:
+        spans[v] = (first[v], len(produced) - 1)
+    return spans
 
 
 def live_peak(

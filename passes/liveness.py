@@ -12,10 +12,9 @@ linear function of the ILP's choices (a `MemoryRow`).
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from autoshard.cost_model.ilp import MemoryRow
-from autoshard.cost_model.memory import dfs_order, live_sets
+from autoshard.cost_model.memory import dfs_order, live_intervals
 from autoshard.cost_model.resharding import per_device_bytes
 from autoshard.passes.graph import LOOP_SLICE, LOOP_STACK, Lit, OpGraph
 from autoshard.passes.rules.families import CONTRACTIONS, ELEMENTWISE, FUSIBLE, FUSION_CONSUMERS
@@ -117,7 +116,8 @@ _KEEP_STRUCTURES = 4
 
 
 def _structure(g: OpGraph, donated: frozenset[int]):
-    """(outputs that are not donated, operation order, live matrix steps x values)."""
+    """(outputs that are not donated, operation order, per value the first and last
+    step it is alive, -1 and -2 for a value never alive in between)."""
     for graph, don, found in _STRUCTURES:
         if graph is g and don == donated:
             return found
@@ -130,12 +130,14 @@ def _structure(g: OpGraph, donated: frozenset[int]):
     made, read = [list(produced[i]) for i in order], [list(consumed[i]) for i in order]
     hold_loop_buffers(g, order, made, read)
     reuse = in_place_operands(g, keep)
-    sets = live_sets(made, read, outs, keep, [reuse[i] for i in order])
-    rows = [step for step, live in enumerate(sets) for _ in live]
-    cols = [v for live in sets for v in live]
-    data = np.ones(len(rows))
-    live = sp.csr_array((data, (rows, cols)), shape=(max(len(order), 1), len(g.values)))
-    found = (frozenset(outs), tuple(order), live)
+    spans = live_intervals(made, read, outs, keep, [reuse[i] for i in order])
+    first = np.full(len(g.values), -1, dtype=np.int64)
+    last = np.full(len(g.values), -2, dtype=np.int64)
+    if spans:
+        vs = np.fromiter(spans, dtype=np.int64, count=len(spans))
+        ends = np.array(list(spans.values()), dtype=np.int64)
+        first[vs], last[vs] = ends[:, 0], ends[:, 1]
+    found = (frozenset(outs), tuple(order), (first, last))
     _STRUCTURES[:] = [(g, donated, found), *_STRUCTURES[: _KEEP_STRUCTURES - 1]]
     return found
 
@@ -170,7 +172,7 @@ class Liveness:
         self.problem = problem
         self._cache: dict[int, np.ndarray] = {}
         self.args = tuple(problem.graph.inputs)
-        self.outputs, self.order, self.live = _structure(problem.graph, donated)
+        self.outputs, self.order, (self.first, self.last) = _structure(problem.graph, donated)
         self.steps = len(self.order)
         self.scale = held_scale(problem.graph, problem.hw.half_as_f32)
         # half-precision arguments, which such a compiler converts for its matmuls
@@ -179,6 +181,7 @@ class Liveness:
             for v in self.args
             if problem.hw.half_as_f32 and str(problem.graph.values[v].dtype) in _HALF
         }
+        self._alive = self.first <= self.last  # values alive at some step
 
     def value_bytes(self, specs) -> np.ndarray:
         """Per-device bytes of every value under specs (one per value)."""
@@ -194,10 +197,22 @@ class Liveness:
         operations' operand specs, an operand resharded for its reader adds the
         resharded copy at that reader's step (a gathered parameter, say)."""
         b = self.value_bytes(specs)
-        live = self.live @ b
+        live = self.live_bytes(b)
         if operand_specs is not None:
             live = live + self.transients(specs, operand_specs)
         return float(b[list(self.args)].sum()), live
+
+    def live_bytes(self, b: np.ndarray) -> np.ndarray:
+        """Bytes of the live intermediates after each step, given every value's bytes:
+        each value adds its bytes from its first step to its last."""
+        on, n = self._alive, max(self.steps, 1)
+        delta = np.bincount(self.first[on], b[on], minlength=n + 1)
+        delta -= np.bincount(self.last[on] + 1, b[on], minlength=n + 1)
+        return np.cumsum(delta)[:n]
+
+    def live_at(self, step: int) -> np.ndarray:
+        """Ids of the intermediates alive after step, in increasing order."""
+        return np.flatnonzero((self.first <= step) & (self.last >= step))
 
     def transients(self, specs, operand_specs) -> np.ndarray:
         """Bytes of resharded copies alive after each step. XLA reshards a value once
@@ -234,7 +249,7 @@ class Liveness:
     def row(self, step: int, node_of_root: dict[int, int]) -> MemoryRow:
         """The bytes alive at step (arguments included) as a function of the choices."""
         p = self.problem
-        live = self.live.indices[self.live.indptr[step] : self.live.indptr[step + 1]]
+        live = self.live_at(step)
         terms: dict[int, np.ndarray] = {}
         for v in [*self.args, *live.tolist()]:
             root = p.root_of[p.value_src[v][0]]
@@ -259,7 +274,7 @@ class Liveness:
         path) and "intermediates" (named by the operation that makes them)."""
         g = self.problem.graph
         b = self.value_bytes(specs)
-        live = self.live.indices[self.live.indptr[step] : self.live.indptr[step + 1]]
+        live = self.live_at(step)
         producer = g.producer()
         out = []
         for v in [*self.args, *live.tolist()]:

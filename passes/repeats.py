@@ -70,28 +70,34 @@ def unit_colours(graph: OpGraph, rounds: int = REFINE_ROUNDS) -> list[int]:
     node = [_own_colour(graph, n) for n in graph.nodes]
     consumers = graph.consumers()
     sources = [*graph.inputs, *(v for v, _ in graph.consts)]
+    # the wiring, read once: operands (a literal by its shape), readers, outputs
+    lits = [tuple(r.shape if isinstance(r, Lit) else None for r in n.inputs) for n in graph.nodes]
+    reads = [[(c, p) for v in n.outputs for c, p in consumers.get(v, ())] for n in graph.nodes]
+    src_reads = [consumers.get(v, []) for v in sources]
     for _ in range(rounds):  # each round reads the last round's colours only
         node = [
             hash(
                 (
                     node[n.id],
-                    tuple(r.shape if isinstance(r, Lit) else val[r] for r in n.inputs),
-                    _readers(n.outputs, node, consumers),
+                    tuple(
+                        val[r] if lit is None else lit
+                        for r, lit in zip(n.inputs, lits[n.id], strict=True)
+                    ),
+                    tuple(sorted((node[c], p) for c, p in reads[n.id])),
                 )
             )
             for n in graph.nodes
         ]
-        src = {v: hash((val[v], _readers((v,), node, consumers))) for v in sources}
+        src = [
+            hash((val[v], tuple(sorted((node[c], p) for c, p in rs))))
+            for v, rs in zip(sources, src_reads, strict=True)
+        ]
         for n in graph.nodes:
             for k, o in enumerate(n.outputs):
                 val[o] = hash((node[n.id], k))
-        for v, c in src.items():
+        for v, c in zip(sources, src, strict=True):
             val[v] = c
     return [*(val[v] for v in sources), *node]
-
-
-def _readers(values, node, consumers) -> tuple:
-    return tuple(sorted((node[c], p) for v in values for c, p in consumers.get(v, ())))
 
 
 def _own_colour(graph: OpGraph, n) -> int:

@@ -150,7 +150,8 @@ class _FollowCache:
         self.groups: dict = {}
 
     def _groups(self, strategies, pos):
-        """Per distinct operand layout, its best strategy by (axes used, cost, index)."""
+        """Per distinct operand layout, its best strategy by (axes used, cost, index),
+        in that order."""
         key = (id(strategies), pos)
         if key not in self.groups:
             best: dict = {}
@@ -159,16 +160,23 @@ class _FollowCache:
                 spec = s.in_specs[pos]
                 if spec not in best or cand < best[spec]:
                     best[spec] = cand
-            self.groups[key] = (strategies, list(best.items()))  # keeps strategies alive
+            ranked = sorted(best.items(), key=lambda item: item[1])
+            self.groups[key] = (strategies, ranked)  # keeps strategies alive
         return self.groups[key][1]
 
     def __call__(self, strategies, pos, spec, nbytes) -> int:
         key = (id(strategies), pos, spec, nbytes)
         if key not in self.answers:
-            self.answers[key] = min(
-                (self.rtime(spec, want, nbytes), *cand)
-                for want, cand in self._groups(strategies, pos)
-            )[-1]
+            # the least (resharding time, axes used, cost, index); groups come ranked
+            # by the rest, so the first that takes the operand for free wins
+            found = None
+            for want, cand in self._groups(strategies, pos):
+                t = self.rtime(spec, want, nbytes)
+                if found is None or (t, *cand) < found:
+                    found = (t, *cand)
+                if t == 0:
+                    break
+            self.answers[key] = found[-1]
         return self.answers[key]
 
 

@@ -208,18 +208,29 @@ def source_strategies(shape, nbytes: float, mesh: MeshDesc, hw: Hardware, replic
     return out[:1] if replicated_only else out
 
 
-def op_info(graph: OpGraph, node, fused_all_reduce: bool = False) -> OpInfo:
-    view = OpView(
-        node.name,
-        tuple(graph.shape(r) for r in node.inputs),
-        tuple(graph.values[o].shape for o in node.outputs),
-        node.params,
-    )
-    fmap = factor_map(view)
+def op_info(graph: OpGraph, node, fused_all_reduce: bool = False, memo=None) -> OpInfo:
+    """What strategy enumeration needs of node. memo (a dict kept by the caller)
+    shares one OpInfo between copies of an operation: same primitive, shapes, bytes,
+    literal operands and parameters (compared by equality; unhashable ones skip it)."""
+    in_shapes = tuple(graph.shape(r) for r in node.inputs)
+    out_shapes = tuple(graph.values[o].shape for o in node.outputs)
     in_bytes = tuple(
         0.0 if isinstance(r, Lit) else float(graph.values[r].nbytes) for r in node.inputs
     )
     out_bytes = tuple(float(graph.values[o].nbytes) for o in node.outputs)
     literal = tuple(isinstance(r, Lit) for r in node.inputs)
+    key = None
+    if memo is not None:
+        key = (node.name, in_shapes, out_shapes, in_bytes, out_bytes, literal, fused_all_reduce)
+        try:
+            key += (tuple(sorted(node.params.items())),)
+            if key in memo:
+                return memo[key]
+        except TypeError:  # an unhashable parameter (an array): no sharing
+            key = None
+    fmap = factor_map(OpView(node.name, in_shapes, out_shapes, node.params))
     fusible = node.name in FUSIBLE
-    return OpInfo(node.name, fmap, in_bytes, out_bytes, literal, fused_all_reduce, fusible)
+    info = OpInfo(node.name, fmap, in_bytes, out_bytes, literal, fused_all_reduce, fusible)
+    if key is not None:
+        memo[key] = info
+    return info

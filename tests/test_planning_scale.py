@@ -10,11 +10,23 @@ from util import ADAM_ATOL, CPU, assert_close, run_both
 
 import autoshard
 from autoshard import progress, search
-from autoshard.cost_model.ilp import Edge, MemoryRow, SharedCost, SolverRequest, Tie, evaluate
+from autoshard.cost_model.ilp import (
+    Edge,
+    MemoryRow,
+    SharedCost,
+    SolverRequest,
+    Tie,
+    evaluate,
+    solve,
+)
+from autoshard.cost_model.memory import live_sets
 from autoshard.mesh import candidate_meshes
+from autoshard.mesh_plan import value_specs
 from autoshard.models import gpt, mlp
-from autoshard.passes.graph import build_graph
-from autoshard.passes.repeats import Collapse, unit_colours
+from autoshard.passes.classes import class_problem, on_mesh, skeleton
+from autoshard.passes.graph import Lit, build_graph
+from autoshard.passes.liveness import hold_loop_buffers, in_place_operands, materialized
+from autoshard.passes.repeats import Collapse, collapse_roots, unit_colours
 from autoshard.passes.trace import trace
 
 
@@ -199,3 +211,54 @@ def test_a_solve_that_times_out_falls_back_to_a_plan_within_the_budget(gpt4_grap
     assert mp.least is not None and mp.result.status == "fallback"
     assert mp.memory()["total"] <= budget * (1 + 1e-6)
     assert any(any(ax for ax in s) for s in mp.layout().value_specs if s)  # it splits
+
+
+@pytest.mark.parametrize("shape", [(8,), (2, 4)])
+def test_class_level_request_equals_the_per_operation_one_collapsed(gpt4_graph, shape):
+    """The mesh's work done once per class of copies gives the request that walking
+    every operation and summing the copies gives: same classes, costs, edges, ties and
+    fused latencies, and the same optimum."""
+    g = gpt4_graph
+    infos, colours = search.op_infos(g), unit_colours(g)
+    desc = search.MeshDesc(shape, ("a", "b")[: len(shape)])
+    hw = CPU.for_mesh(shape)
+    sk = skeleton(g, infos, colours)
+    problem, small, col = class_problem(sk, g, on_mesh(sk, desc, hw), 60.0)
+    full_problem, full, _ = search._per_operation(g, desc, hw, 60.0, None, infos)
+    groups = collapse_roots(colours, full_problem.roots, full_problem.units)
+    ref = groups.request(full)
+    assert col.classes < len(problem.roots)  # copies were found
+    assert np.array_equal(col.node_class, groups.node_class)
+    assert problem.roots == full_problem.roots
+    follows = zip(problem.follow, full_problem.follow, strict=True)
+    assert all(np.array_equal(a, b) for a, b in follows)
+    for a, b in zip(small.node_costs, ref.node_costs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert len(small.edges) == len(ref.edges) and len(small.ties) == len(ref.ties)
+    for a, b in zip(small.edges, ref.edges, strict=True):
+        assert (a.u, a.v) == (b.u, b.v) and np.array_equal(a.u_class, b.u_class)
+        np.testing.assert_allclose(a.cost, b.cost, rtol=1e-12)
+    assert [s.members for s in small.shared] == [s.members for s in ref.shared]
+    mine, theirs = solve(small), solve(ref)
+    assert mine.objective == pytest.approx(theirs.objective, rel=1e-9)
+    obj, bad = evaluate(full, col.expand(mine.choice))  # a plan of the full problem
+    assert not bad and obj == pytest.approx(mine.objective, rel=1e-9)
+
+
+def test_live_intervals_give_the_live_sets_bytes(gpt4_graph):
+    """Liveness keeps one (first, last) step per value; the bytes alive after every
+    step are those of the per-step live sets."""
+    g = gpt4_graph
+    mp, _ = search.search(g, candidate_meshes((2, 4), jax.devices(), CPU), CPU, 60.0, None)
+    live = mp.liveness
+    made = [list(g.nodes[i].outputs) for i in live.order]
+    read = [[r for r in g.nodes[i].inputs if not isinstance(r, Lit)] for i in live.order]
+    hold_loop_buffers(g, live.order, made, read)
+    keep = materialized(g)
+    reuse = in_place_operands(g, keep)
+    sets = live_sets(made, read, live.outputs, keep, [reuse[i] for i in live.order])
+    b = live.value_bytes(value_specs(mp.problem, mp.picks))
+    assert np.any(b != live.value_bytes([None] * len(g.values)))  # the plan splits
+    assert np.array_equal(live.live_bytes(b), [b[s].sum() for s in sets])
+    peak = int(np.argmax(live.live_bytes(b)))
+    assert live.live_at(peak).tolist() == sets[peak]
