@@ -28,6 +28,13 @@ class MeshPlan:
     collapse: Collapse | None = None  # ILP nodes that share variables (repeated layers)
     # a lower bound on the per-device memory of every plan, when one excluded the budget
     memory_floor: float | None = None
+    # the least-memory plan (per ILP node) the memory cutting planes found, if they ran:
+    # the fallback of a solve that times out before it finds a plan within the budget
+    least: tuple[int, ...] | None = None
+    # the steps of those cutting planes' last memory rows, and the least largest row
+    # any plan has there: the budget's cutting planes start from them
+    memory_points: tuple[int, ...] = ()
+    rows_floor: float = 0.0
 
     def solve(self, request: SolverRequest) -> SolverResult:
         """Solve a request over this problem's ILP nodes, copies sharing variables."""

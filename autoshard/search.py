@@ -53,6 +53,8 @@ LP_MAX_VARIABLES = 400_000
 # axes (1, 2, 3), at most this many meshes are built and solved: those with the lowest
 # compute floor (`compute_floor`). 3-D problems are the large ones.
 MESHES_PER_RANK = (1, 6, 3)
+# Compute floors that agree to this many significant digits order meshes as equals.
+FLOOR_DIGITS = 4
 
 
 def solve_on_mesh(
@@ -111,10 +113,13 @@ def solve_on_mesh(
     mp = replace(mp, liveness=live)
     if budget is not None and beat is None:
         # until a plan is found, a mesh no plan fits on is told apart without its ILP
-        floor = excluded_by_memory(mp, budget, min(time_limit, LP_BOUND_TIME))
+        floor, least, points, rows_floor = excluded_by_memory(
+            mp, budget, min(time_limit, LP_BOUND_TIME)
+        )
+        mp = replace(mp, least=least, memory_points=points, rows_floor=rows_floor)
         if floor is not None:
             none = SolverResult((0,) * len(problem.roots), float("inf"), "infeasible", 0.0, 0, 0)
-            picks = decode(problem, none.choice)
+            picks = decode(problem, least)
             return replace(mp, result=none, picks=picks, memory_floor=floor)
     result = mp.solve(request)
     picks = decode(problem, result.choice)
@@ -165,15 +170,35 @@ def mesh_floors(graph: OpGraph, meshes, infos, hw: Hardware) -> list[float]:
 
 def mesh_order(meshes, floors) -> list[int]:
     """Indices of the meshes to build, in order: per number of axes (fewer first), the
-    MESHES_PER_RANK[axes - 1] with the lowest floors, in the given order among those."""
+    MESHES_PER_RANK[axes - 1] with the lowest floors, lowest first (so the best plan is
+    usually found early and bounds skip the rest; `_order_key` breaks ties)."""
     by_rank: dict[int, list[int]] = {}
     for i, m in enumerate(meshes):
         by_rank.setdefault(len(m.axis_sizes), []).append(i)
     keep = []
     for rank in sorted(by_rank):
         cap = MESHES_PER_RANK[min(rank, len(MESHES_PER_RANK)) - 1]
-        keep += sorted(sorted(by_rank[rank], key=lambda i: floors[i])[:cap])
+        keep += sorted(by_rank[rank], key=lambda i: _order_key(meshes[i], floors[i], i))[:cap]
     return keep
+
+
+def _order_key(mesh, floor: float, i: int) -> tuple:
+    """Lowest floor first; floors equal to FLOOR_DIGITS significant digits (large
+    models: every operation's cheapest strategy is its fully split compute on any
+    mesh) then the most even shape first (every axis can split a dimension: on
+    large models the cheapest plans are there), then the given order."""
+    sizes = tuple(mesh.axis_sizes)
+    return float(f"{floor:.{FLOOR_DIGITS}g}"), max(sizes) / min(sizes), i
+
+
+def _to_beat(best: MeshPlan | None, best_i: int, i: int) -> float | None:
+    """What mesh i's plan must cost less than (times 1 - MESH_TIE_BREAK) to win over
+    the best plan so far, mesh best_i's: the earlier mesh in the given order wins ties
+    whatever order they are solved in."""
+    if best is None:
+        return None
+    obj = best.result.objective
+    return obj if i > best_i else obj / (1 - MESH_TIE_BREAK) ** 2
 
 
 def _variables(request) -> int:
@@ -196,14 +221,14 @@ def search(
     the cheapest plan within the budget wins, the earlier (smaller) mesh on ties.
     Raises MemoryBudgetError if no mesh has one. pinned: per mesh, value id -> spec
     the user fixed. With collapse, copies of repeated layers share ILP variables."""
-    best, tried, over = None, {}, []
+    best, best_i, tried, over = None, -1, {}, []
     colours = unit_colours(graph) if collapse else None
     infos = op_infos(graph)
     pinned = pinned or [None] * len(meshes)
     floors = mesh_floors(graph, meshes, infos, hw)
     for i in mesh_order(meshes, floors):
         mesh, pins = meshes[i], pinned[i]
-        beat = None if best is None else best.result.objective
+        beat = _to_beat(best, best_i, i)
         if beat is not None and floors[i] >= beat * (1 - MESH_TIE_BREAK):
             if progress is not None:
                 progress.skipped(tuple(mesh.axis_sizes), floors[i], beat)
@@ -221,8 +246,8 @@ def search(
                 progress.note(f"mesh {tuple(mesh.axis_sizes)}: no plan within the budget")
             continue
         tried[str(tuple(mesh.axis_sizes))] = mp.result.objective
-        if best is None or mp.result.objective < best.result.objective * (1 - MESH_TIE_BREAK):
-            best = mp
+        if best is None or mp.result.objective < _to_beat(best, best_i, i) * (1 - MESH_TIE_BREAK):
+            best, best_i = mp, i
         if progress is not None:
             r = mp.result
             progress.solved(

@@ -10,7 +10,10 @@ graph / strategies / ILP build / solve, the ILP size and the chosen mesh.
     .venv/bin/python benchmarks/plan_time.py --cases gpt12:none,gpt24:none,gpt48:none
     .venv/bin/python benchmarks/plan_time.py                  # every case
 
-A case is `model:mesh` with model in gpt12, gpt24, gpt48, gpt1.3b, llama7b and mesh in
+A case is `model:mesh` with model in gpt12, gpt24, gpt48, gpt1.3b, llama7b, llama7b-bf16
+(parameters, optimizer state and compute in bfloat16: the fp32 Llama-7B shape does not fit
+an 80 GB device on 8 devices without rematerialisation, which unrolled layers do not get)
+and mesh in
 8, 2x4, none (any shape such as 2x2x2 works); `model:mesh+cache` plans once into a fresh
 plan cache and reports the second planning (traced again, then loaded from disk);
 `model:mesh@N` plans for N abstract devices (`devices=N`) with the h100 preset's
@@ -30,7 +33,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-MODELS = ("gpt12", "gpt24", "gpt48", "gpt1.3b", "llama7b")
+MODELS = ("gpt12", "gpt24", "gpt48", "gpt1.3b", "llama7b", "llama7b-bf16")
 MESHES = ("8", "2x4", "none")
 QUICK = ("gpt12:8", "gpt12:2x4", "gpt12:none")
 PHASES = ("trace", "graph", "strategies", "build", "solve")
@@ -51,8 +54,11 @@ def _config(name: str):
             vocab=50257, d_model=2048, n_heads=16, n_layers=24, seq_len=2048, d_ff=8192
         )
         return gpt.GPT, gpt.loss_fn, cfg, 16
-    if name == "llama7b":
-        cfg = llama.LlamaConfig(n_layers=32, d_model=4096, d_ff=11008, vocab=32000, seq_len=2048)
+    if name in ("llama7b", "llama7b-bf16"):
+        dtype = "bfloat16" if name.endswith("bf16") else "float32"
+        cfg = llama.LlamaConfig(
+            n_layers=32, d_model=4096, d_ff=11008, vocab=32000, seq_len=2048, dtype=dtype
+        )
         return llama.Llama, llama.loss_fn, cfg, 8
     raise SystemExit(f"unknown model {name!r}: one of {', '.join(MODELS)}")
 

@@ -256,9 +256,8 @@ def _decode(x, offs) -> tuple[int, ...]:
 def min_memory(request: SolverRequest) -> tuple[tuple[int, ...], float]:
     """The choice whose largest memory row is smallest (costs and edges ignored), and
     that row's bytes: the least memory per device any plan reaches at these points."""
-    res, offs = _min_memory(request)
-    choice = tuple(0 for _ in request.node_costs) if res.x is None else _decode(res.x, offs)
-    return choice, max((r.value(choice) for r in request.memory), default=0.0)
+    choice, value, _ = min_memory_bound(request)
+    return choice, value
 
 
 def memory_floor(request: SolverRequest) -> float:
@@ -270,11 +269,27 @@ def memory_floor(request: SolverRequest) -> float:
       >>> memory_floor(SolverRequest((np.zeros(2),), memory=(row,)))
       1.0
     """
-    res, _ = _min_memory(request)
+    return min_memory_bound(request)[2]
+
+
+def min_memory_bound(request: SolverRequest) -> tuple[tuple[int, ...], float, float]:
+    """One least-memory solve: (the choice whose largest memory row is smallest, that
+    row's bytes, a lower bound on the largest row of every choice). The bound is the
+    solver's dual bound (valid when it stops at its time limit too; 0 if it has none).
+
+    Example:
+      >>> row = MemoryRow(((0, np.array([4.0, 1.0])),))
+      >>> min_memory_bound(SolverRequest((np.zeros(2),), memory=(row,)))
+      ((1,), 1.0, 1.0)
+    """
+    res, offs = _min_memory(request)
+    choice = tuple(0 for _ in request.node_costs) if res.x is None else _decode(res.x, offs)
+    value = max((r.value(choice) for r in request.memory), default=0.0)
     bound = getattr(res, "mip_dual_bound", None)
     if res.status == 0 and res.fun is not None:
         bound = min(float(res.fun), bound if bound is not None else np.inf)
-    return float(bound) if bound is not None and np.isfinite(bound) else 0.0
+    floor = float(bound) if bound is not None and np.isfinite(bound) else 0.0
+    return choice, value, min(floor, value)
 
 
 def _min_memory(request: SolverRequest):

@@ -117,22 +117,15 @@ def test_progress_and_replan_are_logged(caplog, monkeypatch):
 
 def test_timed_out_solver_still_returns_a_plan_within_budget():
     s = mlp.setup(mlp.MLPConfig(64, 2048, 2), 8)
-    roomy = autoshard.parallelize(s.train_step, mesh=(8,), hardware=CPU).plan(s.state, s.batch)
-    budget = 0.9 * roomy.cost.memory["total"]
-    step = autoshard.parallelize(
-        s.train_step, mesh=(8,), hardware=CPU, memory_budget=budget, time_limit=1e-9
-    )
-    try:
-        plan = step.plan(s.state, s.batch)
-    except autoshard.MemoryBudgetError as e:
-        assert "time limit" in str(e)
-    else:
-        assert plan.cost.memory["total"] <= budget * 1.000001
-        out, ref, _ = run_both(
-            s.train_step, s.state, s.batch, mesh=(8,), hardware=CPU, memory_budget=budget,
-            time_limit=1e-9,
-        )  # fmt: skip
-        assert_close(out, ref, atol=ADAM_ATOL)
+    g = build_graph(trace(s.train_step, (s.state, s.batch)))
+    mesh = candidate_meshes((8,), jax.devices(), CPU)[0]
+    budget = 1.05 * _least_plan_peak(g, mesh)  # a plan fits; the solver gets no time
+    opts = dict(mesh=(8,), hardware=CPU, memory_budget=budget, time_limit=1e-9)
+    plan = autoshard.parallelize(s.train_step, **opts).plan(s.state, s.batch)
+    assert plan.cost.memory["total"] <= budget * 1.000001
+    assert any(any(e.spec) for e in plan.inputs)  # a plan that splits something
+    out, ref, _ = run_both(s.train_step, s.state, s.batch, **opts)
+    assert_close(out, ref, atol=ADAM_ATOL)
 
 
 def test_compute_floor_bounds_every_plan_from_below(gpt4_graph):
@@ -158,10 +151,18 @@ def test_many_devices_build_a_bounded_number_of_meshes(monkeypatch):
     order = search.mesh_order(meshes, floors)
     ranks = [len(meshes[i].axis_sizes) for i in order]
     assert len(shapes) == 46 and ranks == [1] + [2] * 6 + [3] * 3
-    # per number of axes, the lowest floors, in the given order
+    # per number of axes, the lowest floors, lowest first
     three = [i for i in order if len(meshes[i].axis_sizes) == 3]
     rest = [i for i in range(len(meshes)) if len(shapes[i]) == 3 and i not in three]
-    assert three == sorted(three) and max(floors[i] for i in three) <= min(floors[i] for i in rest)
+    assert [floors[i] for i in three] == sorted(floors[i] for i in three)
+    assert max(floors[i] for i in three) <= min(floors[i] for i in rest)
+    # equal floors (large models: every operation's cheapest strategy is its fully split
+    # compute): the most even shapes first, and those are the ones built
+    shapes64 = search.candidate_shapes(64)
+    equal = search.mesh_order([_Shape(*s) for s in shapes64], [1.0] * len(shapes64))
+    two = [shapes64[i] for i in equal if len(shapes64[i]) == 2]
+    assert two == [(8, 8), (4, 16), (16, 4), (2, 32), (32, 2)]
+    assert [shapes64[i] for i in equal if len(shapes64[i]) == 3][0] == (4, 4, 4)
     monkeypatch.setattr(search, "MESHES_PER_RANK", (1, 2, 0))
     assert [len(meshes[i].axis_sizes) for i in search.mesh_order(meshes, floors)] == [1, 2, 2]
 
@@ -175,3 +176,26 @@ def test_a_mesh_no_plan_fits_on_is_ruled_out_by_its_memory_floor(gpt4_graph):
     assert mp.result.status == "infeasible" and mp.memory_floor > peak / 50
     least, _ = search.least_memory(mp)
     assert mp.memory_floor <= least * (1 + 1e-4)  # a lower bound on what plans reach
+    # the least-memory plan the cutting planes kept (for the error message) is a plan
+    assert search._peak(mp.liveness, mp.problem, mp.picks) >= least * (1 - 1e-9)
+    # just below the floor no plan fits either, and the floor alone says so
+    below = search.solve_on_mesh(g, mesh, CPU, 60.0, mp.memory_floor * 0.999)
+    assert below.result.status == "infeasible" and below.memory_floor is not None
+
+
+def _least_plan_peak(g, mesh, colours=None) -> float:
+    """Predicted memory of the least-memory plan the memory cutting planes find."""
+    mp = search.solve_on_mesh(g, mesh, CPU, 60.0, 1.0, colours=colours)  # 1 byte: none fits
+    assert mp.result.status == "infeasible"
+    return search._peak(mp.liveness, mp.problem, mp.picks)
+
+
+def test_a_solve_that_times_out_falls_back_to_a_plan_within_the_budget(gpt4_graph):
+    g = gpt4_graph
+    mesh = candidate_meshes((2, 4), jax.devices(), CPU)[0]
+    colours = unit_colours(g)
+    budget = 1.05 * _least_plan_peak(g, mesh, colours)
+    mp = search.solve_on_mesh(g, mesh, CPU, 1e-9, budget, colours=colours)  # no time to solve
+    assert mp.least is not None and mp.result.status == "fallback"
+    assert mp.memory()["total"] <= budget * (1 + 1e-6)
+    assert any(any(ax for ax in s) for s in mp.layout().value_specs if s)  # it splits
