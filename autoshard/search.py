@@ -121,12 +121,20 @@ def solve_on_mesh(
             none = SolverResult((0,) * len(problem.roots), float("inf"), "infeasible", 0.0, 0, 0)
             picks = decode(problem, least)
             return replace(mp, result=none, picks=picks, memory_floor=floor)
-    result = mp.solve(request)
+    cut = None if beat is None else beat * (1 - MESH_TIE_BREAK)  # a plan must beat it
+    result = mp.solve(replace(request, cutoff=cut))
     picks = decode(problem, result.choice)
-    if budget is None or _peak(live, problem, picks) <= budget * (1 + FIT_TOLERANCE):
+    if result.status != "cutoff" and (
+        budget is None or _peak(live, problem, picks) <= budget * (1 + FIT_TOLERANCE)
+    ):
         return replace(mp, result=result, picks=picks)
-    result, picks, req = _within(mp, budget)
-    return replace(mp, result=result, picks=picks, request=req)
+    if result.status != "cutoff":
+        result, picks, req = _within(replace(mp, request=replace(request, cutoff=cut)), budget)
+        mp = replace(mp, request=replace(req, cutoff=None))
+    if result.status == "cutoff":  # no plan on this mesh beats the best found
+        skipped = SolverResult((0,) * len(problem.roots), cut, "skipped", 0.0, 0, 0)
+        return replace(mp, result=skipped)
+    return replace(mp, result=result, picks=picks)
 
 
 class MemoryBudgetError(ValueError):
