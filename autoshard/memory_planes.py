@@ -80,11 +80,11 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, d
             req = replace(req, time_limit=max(1.0, min(req.time_limit, left)))
         result = mp.solve(req)
         picks = decode(problem, result.choice)
-        if result.status == "cutoff" and target >= budget:  # no plan within it beats it
+        if result.status == "cutoff":  # no plan within these rows beats the cutoff
             return result, replicated, req
         if result.status == "fallback":  # the time limit came before any feasible plan
             return _least_memory_fallback(mp, req, result, budget)
-        if result.status in ("infeasible", "cutoff"):
+        if result.status == "infeasible":
             if high is None:
                 break  # infeasible at the budget itself
             low, target = target, (target + high) / 2

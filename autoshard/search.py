@@ -36,7 +36,8 @@ from autoshard.passes.annotate import Layout, partition_spec
 from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
 from autoshard.passes.liveness import Liveness
 from autoshard.passes.repeats import collapse_roots, unit_colours
-from autoshard.passes.simplify import build_request, decode, merge_followers
+from autoshard.passes.simplify import _followed_operand as followed_operand
+from autoshard.passes.simplify import build_request, decode, merge_followers, weak_values
 from autoshard.passes.strategies import enumerate_strategies, op_info, source_strategies
 from autoshard.pins import restrict
 
@@ -53,6 +54,12 @@ LP_MAX_VARIABLES = 400_000
 # axes (1, 2, 3), at most this many meshes are built and solved: those with the lowest
 # compute floor (`compute_floor`). 3-D problems are the large ones.
 MESHES_PER_RANK = (1, 6, 3)
+# Once a plan exists, a mesh whose ILP has more strategy variables than this (counted
+# before its problem is built, `strategy_variables`) is not built: its edge variables
+# put it above LP_MAX_VARIABLES, and building it (follower maps, resharding edges)
+# takes longer than solving a 2-D mesh. The Llama-3.1-8B step on 256 devices:
+# 3.1-3.4k on 2-D meshes (36-42k variables in all), 18.4-18.8k on 3-D ones (over 400k).
+LP_MAX_STRATEGIES = 10_000
 # Compute floors that agree to this many significant digits order meshes as equals.
 FLOOR_DIGITS = 4
 
@@ -209,6 +216,28 @@ def _to_beat(best: MeshPlan | None, best_i: int, i: int) -> float | None:
     return obj if i > best_i else obj / (1 - MESH_TIE_BREAK) ** 2
 
 
+def strategy_variables(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> int:
+    """The ILP's strategy variables on a mesh (before copies of layers share them),
+    without building its problem: the strategies of every input, constant and
+    operation whose layout does not follow an operand (followers are merged into
+    their producer's ILP node; which operations follow does not depend on the mesh).
+    Cheap: strategies are enumerated once per operation signature."""
+    hw = hw.for_mesh(desc.shape)
+    n = sum(
+        len(source_strategies(info.shape, info.nbytes, desc, hw, info.is_key))
+        for info in (graph.values[v] for v in graph.inputs)
+    )
+    n += sum(
+        len(source_strategies(graph.values[v].shape, 0, desc, hw, True)) for v, _ in graph.consts
+    )
+    weak = weak_values(graph)
+    return n + sum(
+        len(enumerate_strategies(op, desc, hw))
+        for node, op in zip(graph.nodes, infos, strict=True)
+        if followed_operand(graph, node, weak) is None
+    )
+
+
 def _variables(request) -> int:
     return sum(len(c) for c in request.node_costs) + sum(e.cost.size for e in request.edges)
 
@@ -241,6 +270,8 @@ def search(
             if progress is not None:
                 progress.skipped(tuple(mesh.axis_sizes), floors[i], beat)
             continue
+        if beat is not None and not pins and _too_large(graph, infos, mesh, hw, progress):
+            continue
         mp = solve_on_mesh(
             graph, mesh, hw, time_limit, budget, donated, pins, colours, progress, beat, infos
         )
@@ -268,6 +299,20 @@ def search(
     if best is None:
         raise MemoryBudgetError(over=over, budget=budget)
     return best, tried
+
+
+def _too_large(graph: OpGraph, infos, mesh, hw: Hardware, progress) -> bool:
+    """More than LP_MAX_STRATEGIES strategy variables on this mesh (said on progress)."""
+    desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
+    n = strategy_variables(graph, infos, desc, hw)
+    if n <= LP_MAX_STRATEGIES:
+        return False
+    if progress is not None:
+        progress.note(
+            f"mesh {desc.shape}: skipped, {n} strategy variables: too large to bound or "
+            "solve in time once a plan exists (pass this mesh to plan on it)"
+        )
+    return True
 
 
 def specs_of(values, layout: Layout, names):

@@ -46,3 +46,26 @@ def test_a_mesh_that_cannot_beat_the_best_is_skipped_and_one_that_can_keeps_its_
     assert above.result.objective == pytest.approx(cost, abs=gap)
     below = search.solve_on_mesh(g, mesh, CPU, 60.0, colours=colours, beat=cost - 2 * gap)
     assert below.result.status == "skipped" and below.result.objective < cost
+
+
+def test_strategy_variables_are_known_before_the_problem_is_built(monkeypatch):
+    cfg = gpt.GPTConfig(vocab=64, d_model=32, n_heads=4, n_layers=2, seq_len=8, d_ff=64)
+    s = gpt.setup(cfg, 8)
+    g = build_graph(trace(s.train_step, (s.state, s.batch)))
+    infos = search.op_infos(g)
+    meshes = [candidate_meshes(m, jax.devices(), CPU)[0] for m in ((8,), (2, 4), (2, 2, 2))]
+    counts = []
+    for mesh in meshes:
+        desc = search.MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
+        n = search.strategy_variables(g, infos, desc, CPU)
+        req = search.solve_on_mesh(g, mesh, CPU, 60.0, beat=0.0, infos=infos).request
+        assert n == sum(len(c) for c in req.node_costs)
+        counts.append(n)
+    assert counts[0] < counts[1] < counts[2]
+    # once a plan exists, a mesh above the limit is not built
+    monkeypatch.setattr(search, "LP_MAX_STRATEGIES", counts[1])
+    built = []
+    real = search.solve_on_mesh
+    monkeypatch.setattr(search, "solve_on_mesh", lambda g, m, *a: built.append(m) or real(g, m, *a))
+    search.search(g, meshes, CPU, 60.0)
+    assert [tuple(m.axis_sizes) for m in built] == [(8,), (2, 4)]
