@@ -83,8 +83,10 @@ def solve_on_mesh(
     (`passes.repeats.unit_colours`), copies of repeated layers share ILP variables.
     With beat (the best cost found on another mesh), a mesh whose LP lower bound is
     not below it, or whose LP relaxation does not finish within LP_BOUND_TIME, is not
-    solved: the result has status "skipped" and the bound (inf when unknown). Without
-    beat, under a budget, a mesh whose memory floor exceeds it is "infeasible"."""
+    solved: the result has status "skipped" and the bound (inf when unknown); beat is
+    also HiGHS's cutoff (`SolverRequest.cutoff`), so a mesh with no plan cheaper than
+    it is "skipped" with it as bound. Without beat, under a budget, a mesh whose
+    memory floor exceeds it is "infeasible"."""
     desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
     hw = hw.for_mesh(desc.shape)  # per-axis numbers from the hardware's levels
     units = [  # a PRNG key input stays whole
@@ -221,7 +223,19 @@ def strategy_variables(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> i
     without building its problem: the strategies of every input, constant and
     operation whose layout does not follow an operand (followers are merged into
     their producer's ILP node; which operations follow does not depend on the mesh).
-    Cheap: strategies are enumerated once per operation signature."""
+    Cheap: strategies are enumerated once per operation signature.
+
+    Args:
+      graph: the step's operation graph; infos: `op_infos(graph)`.
+      desc: the mesh; hw: the hardware.
+
+    Returns:
+      The number of (node, strategy) variables of the mesh's ILP without pins.
+
+    Example:
+      >>> desc = MeshDesc((4, 8, 8), ("x", "y", "z"))
+      >>> strategy_variables(graph, op_infos(graph), desc, hw)  # doctest: +SKIP
+    """
     hw = hw.for_mesh(desc.shape)
     n = sum(
         len(source_strategies(info.shape, info.nbytes, desc, hw, info.is_key))
