@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -245,21 +246,31 @@ class Parallelized:
     def _solve_remat(self, call, base: _Variant, t0) -> tuple[Plan, _Variant]:
         """The plan, and the form of the step it runs: as traced, or with its layer
         stacks rematerialised when remat= allows it and (for "auto") the budget binds
-        on the plan without it. The cheapest plan within the budget wins."""
+        on the plan without it. The cheapest plan within the budget wins. A form
+        whose mesh-independent memory floor (`remat.memory_floor`) exceeds the budget
+        is not planned while a form that saves less is still to come."""
         forced_pipe = isinstance(self.pipeline, _pipeline.Pipeline)
         policies = () if forced_pipe else _remat.policies(self.remat)
         forced = bool(policies) and self.remat != _remat.AUTO
         best, err, binds = None, None, bool(policies)
+        variants = None
         if not forced:
-            try:
-                best, binds = self._solve(base, t0)
-            except _search.MemoryBudgetError as e:
-                err = e
+            if policies and self._beyond_budget(base):
+                variants = list(self._remat_variants(call, base, policies, None))
+            if not variants:  # the floor binds on no remat form, or there is none
+                try:
+                    best, binds = self._solve(base, t0)
+                except _search.MemoryBudgetError as e:
+                    err = e
         if best is not None and not binds:
             return best, base
         without = best.cost.time if best is not None else None
+        if variants is None:
+            variants = list(self._remat_variants(call, base, policies, without))
         chosen = base
-        for var in self._remat_variants(call, base, policies, without):
+        for k, var in enumerate(variants):
+            if not forced and k < len(variants) - 1 and self._beyond_budget(var):
+                continue
             try:
                 plan, _ = self._solve(var, t0)
             except _search.MemoryBudgetError as e:
@@ -279,6 +290,21 @@ class Parallelized:
         if best is None:
             raise err
         return best, chosen
+
+    def _beyond_budget(self, var: _Variant) -> bool:
+        """No plan of this form of the step fits the budget on any candidate mesh."""
+        ctx = var.ctx
+        devices = max(math.prod(m.axis_sizes) for m in var.meshes)
+        floor = _remat.memory_floor(ctx.graph, ctx.donated, devices)
+        if floor <= ctx.budget * (1 + _search.FIT_TOLERANCE):
+            return False
+        if self._progress is not None:
+            what = "as traced" if var.remat is None else f"under remat {var.remat.policy}"
+            self._progress.note(
+                f"the step {what} needs at least {floor / 2**30:.2f} GiB per device on any "
+                f"mesh (budget {ctx.budget / 2**30:.2f} GiB): not planned"
+            )
+        return True
 
     def _remat_variants(self, call, base: _Variant, policies, without):
         """The step rematerialised under each policy that shrinks what it saves."""

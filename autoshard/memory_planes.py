@@ -80,6 +80,8 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, d
             req = replace(req, time_limit=max(1.0, min(req.time_limit, left)))
         result = mp.solve(req)
         picks = decode(problem, result.choice)
+        if result.status == "cutoff":  # no plan within these rows beats the cutoff
+            return result, replicated, req
         if result.status == "fallback":  # the time limit came before any feasible plan
             return _least_memory_fallback(mp, req, result, budget)
         if result.status == "infeasible":

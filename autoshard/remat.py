@@ -11,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from autoshard.passes import remat as _rewrite
+from autoshard.passes.graph import OpGraph
+from autoshard.passes.liveness import live_bytes, structure  # cached: Liveness reuses it
 from autoshard.passes.trace import Traced
 
 AUTO, LAYERS = "auto", "layers"
@@ -82,6 +86,31 @@ def variant(traced: Traced, policy: str) -> tuple[Traced, RematChoice] | None:
     closed, info = out
     choice = RematChoice(info.policy, info.layers, info.saved_before, info.saved_after)
     return dataclasses.replace(traced, jaxpr=closed), choice
+
+
+def memory_floor(graph: OpGraph, donated: frozenset[int], devices: int) -> float:
+    """A lower bound on the per-device memory of every plan of graph on any mesh of
+    `devices` devices: the memory model's peak (arguments plus live intermediates,
+    in the step's order) with every value split `devices` ways, as far as any plan
+    splits it. No mesh needs to be built: when it exceeds the budget, the step's form
+    (as traced, or under a remat policy that saves more) cannot fit, whatever plan.
+
+    Args:
+      graph: the step's operation graph (`passes.graph.build_graph`).
+      donated: flat indices of donated step arguments.
+      devices: the device count of the largest candidate mesh.
+
+    Returns:
+      Bytes per device.
+
+    Example:
+      >>> memory_floor(build_graph(traced), frozenset({0}), 256)   # doctest: +SKIP
+    """
+    _, order, (first, last) = structure(graph, donated)
+    nbytes = np.array([float(v.nbytes) for v in graph.values])
+    args = float(nbytes[list(graph.inputs)].sum())
+    peak = float(live_bytes(first, last, nbytes, len(order)).max(initial=0.0))
+    return (args + peak) / devices
 
 
 def text(r: RematChoice) -> str:

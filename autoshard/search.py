@@ -37,7 +37,13 @@ from autoshard.passes.classes import class_problem, on_mesh, skeleton
 from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
 from autoshard.passes.liveness import Liveness
 from autoshard.passes.repeats import unit_colours
-from autoshard.passes.simplify import build_request, decode, merge_followers
+from autoshard.passes.simplify import (
+    build_request,
+    decode,
+    followed_operand,
+    merge_followers,
+    weak_values,
+)
 from autoshard.passes.strategies import enumerate_strategies, op_info, source_strategies
 from autoshard.pins import restrict
 
@@ -54,6 +60,12 @@ LP_MAX_VARIABLES = 400_000
 # axes (1, 2, 3), at most this many meshes are built and solved: those with the lowest
 # compute floor (`compute_floor`). 3-D problems are the large ones.
 MESHES_PER_RANK = (1, 6, 3)
+# Once a plan exists, a mesh whose ILP has more strategy variables than this (counted
+# before its problem is built, `strategy_variables`) is not built: its edge variables
+# put it above LP_MAX_VARIABLES, and building it (follower maps, resharding edges)
+# takes longer than solving a 2-D mesh. The Llama-3.1-8B step on 256 devices:
+# 3.1-3.4k on 2-D meshes (36-42k variables in all), 18.4-18.8k on 3-D ones (over 400k).
+LP_MAX_STRATEGIES = 10_000
 # Compute floors that agree to this many significant digits order meshes as equals.
 FLOOR_DIGITS = 4
 
@@ -78,10 +90,12 @@ def solve_on_mesh(
     (`passes.repeats.unit_colours`), copies of repeated layers share ILP variables.
     With beat (the best cost found on another mesh), a mesh whose LP lower bound is
     not below it, or whose LP relaxation does not finish within LP_BOUND_TIME, is not
-    solved: the result has status "skipped" and the bound (inf when unknown). Without
-    beat, under a budget, a mesh whose memory floor exceeds it is "infeasible".
-    infos and skel (`op_infos`, `passes.classes.skeleton`) may be passed in when
-    known. The plan's request is over its ILP nodes: one per class of copies."""
+    solved: the result has status "skipped" and the bound (inf when unknown); beat is
+    also HiGHS's cutoff (`SolverRequest.cutoff`), so a mesh with no plan cheaper than
+    it is "skipped" with it as bound. Without beat, under a budget, a mesh whose
+    memory floor exceeds it is "infeasible". infos and skel (`op_infos`,
+    `passes.classes.skeleton`) may be passed in when known. The plan's request is over
+    its ILP nodes: one per class of copies."""
     desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
     hw = hw.for_mesh(desc.shape)  # per-axis numbers from the hardware's levels
     if pinned:
@@ -121,12 +135,20 @@ def solve_on_mesh(
             none = SolverResult((0,) * len(problem.roots), float("inf"), "infeasible", 0.0, 0, 0)
             picks = decode(problem, mp.expand(least))
             return replace(mp, result=none, picks=picks, memory_floor=floor)
-    result = mp.solve(request)
+    cut = None if beat is None else beat * (1 - MESH_TIE_BREAK)  # a plan must beat it
+    result = mp.solve(replace(request, cutoff=cut))
     picks = decode(problem, result.choice)
-    if budget is None or _peak(live, problem, picks) <= budget * (1 + FIT_TOLERANCE):
+    if result.status != "cutoff" and (
+        budget is None or _peak(live, problem, picks) <= budget * (1 + FIT_TOLERANCE)
+    ):
         return replace(mp, result=result, picks=picks)
-    result, picks, req = _within(mp, budget)
-    return replace(mp, result=result, picks=picks, request=req)
+    if result.status != "cutoff":
+        result, picks, req = _within(replace(mp, request=replace(request, cutoff=cut)), budget)
+        mp = replace(mp, request=replace(req, cutoff=None))
+    if result.status == "cutoff":  # no plan on this mesh beats the best found
+        skipped = SolverResult((0,) * len(problem.roots), cut, "skipped", 0.0, 0, 0)
+        return replace(mp, result=skipped)
+    return replace(mp, result=result, picks=picks)
 
 
 def _per_operation(graph: OpGraph, desc: MeshDesc, hw: Hardware, time_limit, pinned, infos):
@@ -229,6 +251,40 @@ def _to_beat(best: MeshPlan | None, best_i: int, i: int) -> float | None:
     return obj if i > best_i else obj / (1 - MESH_TIE_BREAK) ** 2
 
 
+def strategy_variables(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> int:
+    """The ILP's strategy variables on a mesh (before copies of layers share them),
+    without building its problem: the strategies of every input, constant and
+    operation whose layout does not follow an operand (followers are merged into
+    their producer's ILP node; which operations follow does not depend on the mesh).
+    Cheap: strategies are enumerated once per operation signature.
+
+    Args:
+      graph: the step's operation graph; infos: `op_infos(graph)`.
+      desc: the mesh; hw: the hardware.
+
+    Returns:
+      The number of (node, strategy) variables of the mesh's ILP without pins.
+
+    Example:
+      >>> desc = MeshDesc((4, 8, 8), ("x", "y", "z"))
+      >>> strategy_variables(graph, op_infos(graph), desc, hw)  # doctest: +SKIP
+    """
+    hw = hw.for_mesh(desc.shape)
+    n = sum(
+        len(source_strategies(info.shape, info.nbytes, desc, hw, info.is_key))
+        for info in (graph.values[v] for v in graph.inputs)
+    )
+    n += sum(
+        len(source_strategies(graph.values[v].shape, 0, desc, hw, True)) for v, _ in graph.consts
+    )
+    weak = weak_values(graph)
+    return n + sum(
+        len(enumerate_strategies(op, desc, hw))
+        for node, op in zip(graph.nodes, infos, strict=True)
+        if followed_operand(graph, node, weak) is None
+    )
+
+
 def _variables(request) -> int:
     return sum(len(c) for c in request.node_costs) + sum(e.cost.size for e in request.edges)
 
@@ -262,6 +318,8 @@ def search(
             if progress is not None:
                 progress.skipped(tuple(mesh.axis_sizes), floors[i], beat)
             continue
+        if beat is not None and not pins and _too_large(graph, infos, mesh, hw, progress):
+            continue
         mp = solve_on_mesh(
             graph, mesh, hw, time_limit, budget, donated, pins, colours, progress, beat, infos, skel
         )
@@ -289,6 +347,20 @@ def search(
     if best is None:
         raise MemoryBudgetError(over=over, budget=budget)
     return best, tried
+
+
+def _too_large(graph: OpGraph, infos, mesh, hw: Hardware, progress) -> bool:
+    """More than LP_MAX_STRATEGIES strategy variables on this mesh (said on progress)."""
+    desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
+    n = strategy_variables(graph, infos, desc, hw)
+    if n <= LP_MAX_STRATEGIES:
+        return False
+    if progress is not None:
+        progress.note(
+            f"mesh {desc.shape}: skipped, {n} strategy variables: too large to bound or "
+            "solve in time once a plan exists (pass this mesh to plan on it)"
+        )
+    return True
 
 
 def specs_of(values, layout: Layout, names):

@@ -10,6 +10,7 @@ Ties force two nodes to pick the same layout class (state in == state out).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,13 +76,17 @@ class SolverRequest:
     shared: tuple[SharedCost, ...] = ()
     memory: tuple[MemoryRow, ...] = ()  # each must stay within memory_budget
     memory_budget: float | None = None
+    # only plans cheaper than this are wanted (a plan found elsewhere costs it): HiGHS
+    # prunes every branch whose bound reaches it, as an incumbent of that cost would
+    # let it; status "cutoff" when no plan is cheaper
+    cutoff: float | None = None
 
 
 @dataclass(frozen=True)
 class SolverResult:
     choice: tuple[int, ...]
     objective: float
-    status: str  # "optimal" | "time_limit" | "fallback" | "infeasible"
+    status: str  # "optimal" | "time_limit" | "fallback" | "infeasible" | "cutoff"
     solve_time: float
     num_variables: int
     num_constraints: int
@@ -220,18 +225,20 @@ def solve(request: SolverRequest) -> SolverResult:
     """Solve exactly with HiGHS (scipy.optimize.milp). If no feasible point comes back
     (time-out before one is found, or an infeasible request), or the time-limited
     incumbent costs more than it, the result is strategy 0 everywhere (fully
-    replicated) with status "fallback"."""
+    replicated) with status "fallback". With a cutoff and no plan cheaper than it,
+    status "cutoff" and the cutoff as objective (every plan costs at least that)."""
     t0 = time.perf_counter()
     c, cons, n_s, offs = _problem(request)
     n_var = len(c)
     integrality = np.r_[np.ones(n_s), np.zeros(n_var - n_s)]
-    res = milp(
-        c,
-        constraints=cons,
-        integrality=integrality,
-        bounds=Bounds(0, 1),
-        options={"time_limit": request.time_limit, "mip_rel_gap": MIP_REL_GAP},
-    )
+    options = {"time_limit": request.time_limit, "mip_rel_gap": MIP_REL_GAP}
+    with warnings.catch_warnings():  # scipy passes the option on to HiGHS and says so
+        warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+        if request.cutoff is not None:
+            options["objective_bound"] = request.cutoff
+        res = milp(
+            c, constraints=cons, integrality=integrality, bounds=Bounds(0, 1), options=options
+        )
     if res.x is None:
         choice = tuple(0 for _ in request.node_costs)
         status = "infeasible" if res.status == 2 and request.memory else "fallback"
@@ -239,6 +246,11 @@ def solve(request: SolverRequest) -> SolverResult:
         choice = _decode(res.x, offs)
         status = "optimal" if res.status == 0 else "time_limit"
     obj, _ = evaluate(request, choice)
+    cut = request.cutoff
+    if cut is not None and (obj >= cut if res.x is not None else res.status == 2):
+        # pruned at the cutoff (HiGHS may stop with a point that does not beat it)
+        t = time.perf_counter() - t0
+        return SolverResult(choice, cut, "cutoff", t, n_var, cons.A.shape[0])
     replicated = tuple(0 for _ in request.node_costs)
     rep_obj, rep_bad = evaluate(request, replicated)
     if status == "time_limit" and rep_obj < obj and not rep_bad:

@@ -36,8 +36,8 @@ from autoshard.passes.simplify import (
     Problem,
     _edge,
     _FollowCache,
-    _followed_operand,
     _reshard_time,
+    followed_operand,
     weak_values,
 )
 from autoshard.passes.strategies import enumerate_strategies, source_strategies
@@ -145,7 +145,7 @@ def _follow_classes(graph: OpGraph, n_in: int, usrc, value_src):
     root_of, followed = list(range(len(usrc))), [None] * len(usrc)
     weak = weak_values(graph)
     for node in graph.nodes:
-        u, pos = n_in + node.id, _followed_operand(graph, node, weak)
+        u, pos = n_in + node.id, followed_operand(graph, node, weak)
         if pos is None:
             continue
         v = node.inputs[pos]

@@ -115,7 +115,7 @@ _STRUCTURES: list = []
 _KEEP_STRUCTURES = 4
 
 
-def _structure(g: OpGraph, donated: frozenset[int]):
+def structure(g: OpGraph, donated: frozenset[int]):
     """(outputs that are not donated, operation order, per value the first and last
     step it is alive, -1 and -2 for a value never alive in between)."""
     for graph, don, found in _STRUCTURES:
@@ -159,6 +159,15 @@ def held_scale(graph: OpGraph, half_as_f32: bool) -> np.ndarray:
     return scale
 
 
+def live_bytes(first: np.ndarray, last: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
+    """Bytes alive after each of steps steps when value v (bytes b[v]) lives from step
+    first[v] to step last[v] (first > last: never alive)."""
+    on, n = first <= last, max(steps, 1)
+    delta = np.bincount(first[on], b[on], minlength=n + 1)
+    delta -= np.bincount(last[on] + 1, b[on], minlength=n + 1)
+    return np.cumsum(delta)[:n]
+
+
 class Liveness:
     """Which values are alive at each point of the step, for one problem.
 
@@ -172,7 +181,7 @@ class Liveness:
         self.problem = problem
         self._cache: dict[int, np.ndarray] = {}
         self.args = tuple(problem.graph.inputs)
-        self.outputs, self.order, (self.first, self.last) = _structure(problem.graph, donated)
+        self.outputs, self.order, (self.first, self.last) = structure(problem.graph, donated)
         self.steps = len(self.order)
         self.scale = held_scale(problem.graph, problem.hw.half_as_f32)
         # half-precision arguments, which such a compiler converts for its matmuls
@@ -181,7 +190,6 @@ class Liveness:
             for v in self.args
             if problem.hw.half_as_f32 and str(problem.graph.values[v].dtype) in _HALF
         }
-        self._alive = self.first <= self.last  # values alive at some step
 
     def value_bytes(self, specs) -> np.ndarray:
         """Per-device bytes of every value under specs (one per value)."""
@@ -203,12 +211,8 @@ class Liveness:
         return float(b[list(self.args)].sum()), live
 
     def live_bytes(self, b: np.ndarray) -> np.ndarray:
-        """Bytes of the live intermediates after each step, given every value's bytes:
-        each value adds its bytes from its first step to its last."""
-        on, n = self._alive, max(self.steps, 1)
-        delta = np.bincount(self.first[on], b[on], minlength=n + 1)
-        delta -= np.bincount(self.last[on] + 1, b[on], minlength=n + 1)
-        return np.cumsum(delta)[:n]
+        """Bytes of the live intermediates after each step, given every value's bytes."""
+        return live_bytes(self.first, self.last, b, self.steps)
 
     def live_at(self, step: int) -> np.ndarray:
         """Ids of the intermediates alive after step, in increasing order."""

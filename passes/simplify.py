@@ -54,7 +54,7 @@ class Problem:
         return self.units[u][self.follow[u][j]].out_specs[idx]
 
 
-def _followed_operand(graph: OpGraph, node, weak: set[int]) -> int | None:
+def followed_operand(graph: OpGraph, node, weak: set[int]) -> int | None:
     """The operand whose layout the operation takes, if it has one to follow. An
     elementwise operation follows an operand of its own shape, preferring one that
     is not `weak` (broadcast, or computed from constants alone: a causal mask, a
@@ -100,7 +100,7 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
     best = _FollowCache(rtime)
     maps: dict = {}  # copies of a chain repeat the same map: computed once per signature
     for node in graph.nodes:
-        u, pos = n_in + node.id, _followed_operand(graph, node, weak)
+        u, pos = n_in + node.id, followed_operand(graph, node, weak)
         if pos is None:
             continue
         v = node.inputs[pos]

@@ -12,6 +12,7 @@ from autoshard import remat
 from autoshard.models import gpt_scan
 from autoshard.models import residual_stack as rs
 from autoshard.passes import remat as rewrite
+from autoshard.passes.graph import build_graph
 from autoshard.passes.trace import trace
 
 
@@ -101,3 +102,41 @@ def test_scanned_gpt_nnx_scan_is_rematerialised():
     plan = step.plan(s.state, s.batch)
     assert plan.remat.policy == remat.DOTS and plan.remat.layers == (2,)
     assert plan.remat.saved_after < plan.remat.saved_before
+
+
+def test_memory_floor_is_below_every_plan_and_skips_forms_that_cannot_fit(stack, monkeypatch):
+    s = stack
+    kw = dict(mesh=(8,), hardware=CPU)
+    traced = trace(s.train_step, (s.state, s.batch))
+    forms = {None: traced}
+    for policy in rewrite.POLICIES:
+        forms[policy] = remat.variant(traced, policy)[0]
+    floors = {k: remat.memory_floor(build_graph(t), frozenset(), 8) for k, t in forms.items()}
+    totals = {}
+    for k in forms:
+        plan = autoshard.parallelize(s.train_step, remat=k, **kw).plan(s.state, s.batch)
+        totals[k] = plan.cost.memory["total"]
+        assert 0 < floors[k] <= totals[k], (k, floors[k], totals[k])
+    assert floors[None] > floors[remat.DOTS] > floors[remat.NOTHING]
+    # a budget the traced step cannot fit on any mesh of 8, whatever its plan, but the
+    # dots_saveable form does: the traced step is not planned at all, the plan is the same
+    budget = (floors[None] + totals[remat.DOTS]) / 2
+    if not totals[remat.DOTS] < budget < floors[None]:
+        pytest.skip("the stack's sizes leave no such budget")
+    searched = []
+    real = autoshard.search.search
+
+    def counting(graph, *a, **k):
+        searched.append(graph)
+        return real(graph, *a, **k)
+
+    monkeypatch.setattr(autoshard.search, "search", counting)
+    plan = autoshard.parallelize(s.train_step, memory_budget=budget, **kw).plan(s.state, s.batch)
+    assert plan.remat.policy == remat.DOTS and plan.remat.time_without is None
+    assert plan.cost.memory["total"] <= budget
+    n_screened = len(searched)
+    searched.clear()
+    monkeypatch.setattr(remat, "memory_floor", lambda *a: 0.0)  # no screen: as before
+    step = autoshard.parallelize(s.train_step, memory_budget=budget, **kw)
+    assert step.plan(s.state, s.batch).cost.time == plan.cost.time
+    assert len(searched) == n_screened + 1  # the traced step, planned in vain
