@@ -251,16 +251,18 @@ def _to_beat(best: MeshPlan | None, best_i: int, i: int) -> float | None:
     return obj if i > best_i else obj / (1 - MESH_TIE_BREAK) ** 2
 
 
-def strategy_variables(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> int:
-    """The ILP's strategy variables on a mesh (before copies of layers share them),
-    without building its problem: the strategies of every input, constant and
-    operation whose layout does not follow an operand (followers are merged into
-    their producer's ILP node; which operations follow does not depend on the mesh).
+def strategy_variables(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware, colours=None) -> int:
+    """The ILP's strategy variables on a mesh, without building its problem: the
+    strategies of every input, constant and operation whose layout does not follow an
+    operand (followers are merged into their producer's ILP node; which operations
+    follow does not depend on the mesh), each class of copies counted once when
+    colours (`passes.repeats.unit_colours`) are given, as the ILP shares them.
     Cheap: strategies are enumerated once per operation signature.
 
     Args:
       graph: the step's operation graph; infos: `op_infos(graph)`.
       desc: the mesh; hw: the hardware.
+      colours: per unit, its class of copies (None: every unit its own).
 
     Returns:
       The number of (node, strategy) variables of the mesh's ILP without pins.
@@ -270,19 +272,21 @@ def strategy_variables(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware) -> i
       >>> strategy_variables(graph, op_infos(graph), desc, hw)  # doctest: +SKIP
     """
     hw = hw.for_mesh(desc.shape)
-    n = sum(
-        len(source_strategies(info.shape, info.nbytes, desc, hw, info.is_key))
-        for info in (graph.values[v] for v in graph.inputs)
-    )
-    n += sum(
+    sources = [graph.values[v] for v in graph.inputs]
+    counts = [len(source_strategies(i.shape, i.nbytes, desc, hw, i.is_key)) for i in sources]
+    counts += [
         len(source_strategies(graph.values[v].shape, 0, desc, hw, True)) for v, _ in graph.consts
-    )
+    ]
     weak = weak_values(graph)
-    return n + sum(
-        len(enumerate_strategies(op, desc, hw))
-        for node, op in zip(graph.nodes, infos, strict=True)
-        if followed_operand(graph, node, weak) is None
-    )
+    counts += [
+        0
+        if followed_operand(graph, node, weak) is not None
+        else len(enumerate_strategies(o, desc, hw))
+        for node, o in zip(graph.nodes, infos, strict=True)
+    ]
+    if colours is None:
+        return sum(counts)
+    return sum({c: n for c, n in zip(colours, counts, strict=True) if n}.values())
 
 
 def _variables(request) -> int:
@@ -318,7 +322,7 @@ def search(
             if progress is not None:
                 progress.skipped(tuple(mesh.axis_sizes), floors[i], beat)
             continue
-        if beat is not None and not pins and _too_large(graph, infos, mesh, hw, progress):
+        if beat is not None and not pins and _too_large(graph, infos, mesh, hw, colours, progress):
             continue
         mp = solve_on_mesh(
             graph, mesh, hw, time_limit, budget, donated, pins, colours, progress, beat, infos, skel
@@ -349,10 +353,11 @@ def search(
     return best, tried
 
 
-def _too_large(graph: OpGraph, infos, mesh, hw: Hardware, progress) -> bool:
-    """More than LP_MAX_STRATEGIES strategy variables on this mesh (said on progress)."""
+def _too_large(graph: OpGraph, infos, mesh, hw: Hardware, colours, progress) -> bool:
+    """More than LP_MAX_STRATEGIES strategy variables on this mesh, copies of layers
+    counted once (said on progress)."""
     desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
-    n = strategy_variables(graph, infos, desc, hw)
+    n = strategy_variables(graph, infos, desc, hw, colours)
     if n <= LP_MAX_STRATEGIES:
         return False
     if progress is not None:

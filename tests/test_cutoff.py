@@ -61,6 +61,11 @@ def test_strategy_variables_are_known_before_the_problem_is_built(monkeypatch):
         req = search.solve_on_mesh(g, mesh, CPU, 60.0, beat=0.0, infos=infos).request
         assert n == sum(len(c) for c in req.node_costs)
         counts.append(n)
+        # copies of the layers share variables: counted once, as the ILP has them
+        colours = unit_colours(g)
+        shared = search.solve_on_mesh(g, mesh, CPU, 60.0, colours=colours, infos=infos)
+        n_shared = search.strategy_variables(g, infos, desc, CPU, colours)
+        assert n_shared == sum(len(c) for c in shared.request.node_costs) < n
     assert counts[0] < counts[1] < counts[2]
     # once a plan exists, a mesh above the limit is not built
     monkeypatch.setattr(search, "LP_MAX_STRATEGIES", counts[1])
