@@ -90,6 +90,7 @@ class ScanLlama(nnx.Module):
     """:class:`autoshard.models.llama.Llama` with its blocks stacked and scanned."""
 
     remat = False
+    loss_chunk = 0  # `llama.loss_fn` computes the logits whole
 
     def __init__(self, config: llama.LlamaConfig, rngs: nnx.Rngs):
         dt = config.jnp_dtype

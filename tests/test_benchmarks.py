@@ -123,3 +123,13 @@ def test_a_residual_constraint_stays_with_its_own_plan():
 
     assert constraints(sharding) > 0
     assert constraints(None) == 0
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_every_workload_family_traces(remat):
+    """The tiny twins of the benchmark's models (the same classes) trace to a loss,
+    so a change to a reference model's interface shows up here, not mid-benchmark."""
+    for w in workloads.TINY:
+        s = w.setup(remat=remat)
+        _, metrics = jax.eval_shape(s.train_step, s.state, s.batch)
+        assert metrics["loss"].shape == (), w.name
