@@ -23,6 +23,11 @@ EVAL_TOLERANCE = 1e-9
 # and the least-memory search behind MemoryBudgetError's message.
 MIP_REL_GAP = 1e-6
 MIN_MEMORY_REL_GAP = 1e-4
+# HiGHS's presolve on the strategy ILP. Off: on the demo GPT's (2, 4) problem presolve
+# leaves HiGHS without a good incumbent for over a minute, or not, depending on the
+# last bits of the costs; without it the same problem solves in about a second.
+# (benchmarks/plan_time.py: equal or faster on every case with it off, same plans).
+PRESOLVE = False
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,7 @@ def solve(request: SolverRequest) -> SolverResult:
     c, cons, n_s, offs = _problem(request)
     n_var = len(c)
     integrality = np.r_[np.ones(n_s), np.zeros(n_var - n_s)]
-    options = {"time_limit": request.time_limit, "mip_rel_gap": MIP_REL_GAP}
+    options = {"time_limit": request.time_limit, "mip_rel_gap": MIP_REL_GAP, "presolve": PRESOLVE}
     with warnings.catch_warnings():  # scipy passes the option on to HiGHS and says so
         warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
         if request.cutoff is not None:
