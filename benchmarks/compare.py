@@ -34,7 +34,7 @@ from baselines import AUTOSHARD, HandPlan, hand_plans, specs  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from measure import measure  # noqa: E402
-from report import Row, plot, render  # noqa: E402
+from report import Row, plot, progress, render  # noqa: E402
 from workloads import REAL, TINY, Workload, by_name, carry_sharding, fresh  # noqa: E402
 
 import autoshard  # noqa: E402
@@ -120,15 +120,6 @@ def run_autoshard(w: Workload, shape, setup, hw, opts, plans: list[str]) -> Row:
     )
 
 
-def _progress(r: Row) -> None:
-    if r.error:
-        what = "ERROR " + r.error
-    else:
-        what = f"est {r.est * 1e3:9.3f} ms  mem {r.memory / 1e9:6.1f} GB  {r.seconds:6.1f} s"
-    remat = f" +remat {r.remat}" if r.remat else ""
-    print(f"  {r.mesh:<9} {r.method + remat:<22} {what}", file=sys.stderr, flush=True)
-
-
 def run_workload(w: Workload, opts, plans: list[str]) -> list[Row]:
     """Every hand plan and autoshard's plans of one workload on 8 devices."""
     print(f"{w.name} (8 devices):", file=sys.stderr, flush=True)
@@ -139,13 +130,13 @@ def run_workload(w: Workload, opts, plans: list[str]) -> list[Row]:
         row = None if w.hand_remat else run_hand(w, plan, plain, False, HARDWARE)
         if row is not None:
             rows.append(row)
-            _progress(row)
+            progress(row)
         if row is None or (row.ok and not row.fits):  # as a user would: remat, if needed
             rows.append(run_hand(w, plan, remat, True, HARDWARE))
-            _progress(rows[-1])
+            progress(rows[-1])
     for shape in QUICK_AUTO_MESHES if opts.quick else AUTO_MESHES:
         rows.append(run_autoshard(w, shape, plain, HARDWARE, opts, plans))
-        _progress(rows[-1])
+        progress(rows[-1])
     return rows
 
 

@@ -27,7 +27,7 @@ import jax
 from baselines import AUTOSHARD, HandPlan, hand_plans, specs
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from report import Row
+from report import Row, progress
 from workloads import carry_sharding, fresh
 
 import autoshard
@@ -132,15 +132,6 @@ def run_autoshard(w, t: Target, shape, setup, opts, plans: list[str]) -> Row:
     return _plan_row(base, planned, seconds, t.hardware, f"({chosen})" if chosen else "")
 
 
-def _progress(r: Row) -> None:
-    if r.error:
-        what = "ERROR " + r.error
-    else:
-        what = f"est {r.est * 1e3:9.3f} ms  mem {r.memory / 1e9:6.1f} GB  {r.seconds:6.1f} s"
-    remat = f" +remat {r.remat}" if r.remat else ""
-    print(f"  {r.mesh:<9} {r.method + remat:<22} {what}", file=sys.stderr, flush=True)
-
-
 def run_workload(w, t: Target, opts, plans: list[str]) -> list[Row]:
     """Every hand plan and autoshard's plans of one workload on one pod."""
     print(f"{w.name} ({t.label}):", file=sys.stderr, flush=True)
@@ -151,11 +142,11 @@ def run_workload(w, t: Target, opts, plans: list[str]) -> list[Row]:
         row = None if w.hand_remat else run_hand(w, t, plan, plain, False, opts)
         if row is not None:
             rows.append(row)
-            _progress(row)
+            progress(row)
         if row is None or (row.ok and not row.fits):  # as a user would: remat, if needed
             rows.append(run_hand(w, t, plan, remat, True, opts))
-            _progress(rows[-1])
+            progress(rows[-1])
     for shape in (None, t.two_d):
         rows.append(run_autoshard(w, t, shape, plain, opts, plans))
-        _progress(rows[-1])
+        progress(rows[-1])
     return rows

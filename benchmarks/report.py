@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 
 from baselines import AUTOSHARD, HAND
@@ -342,3 +343,13 @@ def plot(rows: list[Row], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def progress(r: Row) -> None:
+    """One line on stderr for a finished run (the benchmark's progress)."""
+    if r.error:
+        what = "ERROR " + r.error
+    else:
+        what = f"est {r.est * 1e3:9.3f} ms  mem {r.memory / 1e9:6.1f} GB  {r.seconds:6.1f} s"
+    remat = f" +remat {r.remat}" if r.remat else ""
+    print(f"  {r.mesh:<9} {r.method + remat:<22} {what}", file=sys.stderr, flush=True)
