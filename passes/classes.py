@@ -33,11 +33,11 @@ from autoshard.passes.graph import Lit, OpGraph
 from autoshard.passes.repeats import Collapse
 from autoshard.passes.rules.families import CONTRACTIONS
 from autoshard.passes.simplify import (
+    FollowCache,
     Problem,
-    _edge,
-    _FollowCache,
-    _reshard_time,
+    edge_between,
     followed_operand,
+    reshard_time,
     weak_values,
 )
 from autoshard.passes.strategies import enumerate_strategies, source_strategies
@@ -220,8 +220,8 @@ class MeshWork:
     def __init__(self, sk: Skeleton, mesh: MeshDesc, hw: Hardware):
         self.sk, self.mesh, self.hw = sk, mesh, hw
         self.strategies = [_strategies(s, mesh, hw) for s in sk.sources]
-        self.rtime = _reshard_time(mesh, hw)
-        best = _FollowCache(self.rtime)
+        self.rtime = reshard_time(mesh, hw)
+        best = FollowCache(self.rtime)
         self._out: dict = {}
         self._terms: dict = {}
         self.maps: list[np.ndarray] = []  # per canonical follow class
@@ -287,7 +287,9 @@ class MeshWork:
         key = ("edge", self._term_key(t))
         if key not in self._terms:
             have, want, nbytes, scale, _ = self._operand(t)
-            self._terms[key] = _edge(have, want, lambda a, b: scale * self.rtime(a, b, nbytes))
+            self._terms[key] = edge_between(
+                have, want, lambda a, b: scale * self.rtime(a, b, nbytes)
+            )
         return self._terms[key]
 
 

@@ -95,9 +95,9 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
     own: dict = {}  # copies of an operation share their strategies, hence one arange
     follow = [own.setdefault(id(s), np.arange(len(s))) for s in units]
     followed = [None] * len(units)
-    rtime = _reshard_time(mesh, hw)
+    rtime = reshard_time(mesh, hw)
     weak = weak_values(graph)
-    best = _FollowCache(rtime)
+    best = FollowCache(rtime)
     maps: dict = {}  # copies of a chain repeat the same map: computed once per signature
     for node in graph.nodes:
         u, pos = n_in + node.id, followed_operand(graph, node, weak)
@@ -127,7 +127,7 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
 
 
 @functools.lru_cache(maxsize=8)
-def _reshard_time(mesh: MeshDesc, hw: Hardware):
+def reshard_time(mesh: MeshDesc, hw: Hardware):
     """Resharding time per (source spec, target spec, bytes) on a mesh, memoised (one
     table per mesh and hardware, shared by follower merging and the request)."""
 
@@ -138,7 +138,7 @@ def _reshard_time(mesh: MeshDesc, hw: Hardware):
     return rt
 
 
-class _FollowCache:
+class FollowCache:
     """A follower's strategy for each layout of its operand: take the operand as it
     comes if possible; then split nothing more than needed (the first such strategy
     on ties). Copies of an operation share their strategy tuple, so answers are kept
@@ -182,7 +182,7 @@ class _FollowCache:
 
 def build_request(problem: Problem, time_limit: float) -> SolverRequest:
     """The ILP over root units: node costs, resharding edges, state ties."""
-    g, rtime = problem.graph, _reshard_time(problem.mesh, problem.hw)
+    g, rtime = problem.graph, reshard_time(problem.mesh, problem.hw)
     node = {r: i for i, r in enumerate(problem.roots)}
     costs = [np.zeros(len(problem.units[r])) for r in problem.roots]
     n_in = len(g.inputs) + len(g.consts)
@@ -245,7 +245,7 @@ def _operand_cost(problem: Problem, v, strategies, fol, pos, rtime, scale, same,
         return scale * np.array([rtime(a, b, nbytes) for a, b in zip(have, want, strict=True)])
     key = (tuple(have), tuple(want), nbytes, scale)
     if key not in made:
-        made[key] = _edge(have, want, functools.partial(_sized, rtime, nbytes, scale))
+        made[key] = edge_between(have, want, functools.partial(_sized, rtime, nbytes, scale))
     return made[key]
 
 
@@ -277,7 +277,7 @@ def _classes(specs):
     return np.array([index.setdefault(s, len(index)) for s in specs]), list(index)
 
 
-def _edge(have, want, cost_fn):
+def edge_between(have, want, cost_fn):
     """(row class per producer strategy, column class per consumer strategy, cost) of
     an edge between two ILP nodes, or None if it costs nothing; layout classes with
     identical cost rows (columns) are merged, which keeps edges between many-layout
