@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.hardware import Hardware, MeshDesc
 from autoshard.cost_model.ilp import Edge, SharedCost, SolverRequest, Tie
 from autoshard.passes.graph import Lit, OpGraph
@@ -38,6 +37,7 @@ from autoshard.passes.simplify import (
     edge_between,
     followed_operand,
     reshard_time,
+    shared_costs,
     weak_values,
 )
 from autoshard.passes.strategies import enumerate_strategies, source_strategies
@@ -401,11 +401,4 @@ def _fused(sk: Skeleton, m: MeshWork) -> tuple[SharedCost, ...]:
                         joins[k].setdefault(g, set()).add(j)
             for g, js in joins[k].items():
                 members.setdefault(g, {}).setdefault(c, set()).update(js)
-    return tuple(
-        SharedCost(
-            coll.fixed_cost(g, m.hw),
-            tuple((n, tuple(sorted(js))) for n, js in sorted(mem.items())),
-        )
-        for g, mem in sorted(members.items())
-        if m.mesh.group(g) > 1
-    )
+    return shared_costs(members, m.mesh, m.hw)

@@ -258,13 +258,19 @@ def _fused_latencies(problem: Problem, node) -> tuple[SharedCost, ...]:
         for j, k in enumerate(problem.follow[u]):
             for g in strategies[k].fused_groups:
                 members.setdefault(g, {}).setdefault(node[root], set()).add(j)
+    return shared_costs(members, problem.mesh, problem.hw)
+
+
+def shared_costs(members: dict, mesh: MeshDesc, hw: Hardware) -> tuple[SharedCost, ...]:
+    """One fused collective latency per device group of more than one device, paid
+    once if any of its members (ILP node -> strategy indices) is chosen."""
     return tuple(
         SharedCost(
-            coll.fixed_cost(g, problem.hw),
+            coll.fixed_cost(g, hw),
             tuple((n, tuple(sorted(js))) for n, js in sorted(m.items())),
         )
         for g, m in sorted(members.items())
-        if problem.mesh.group(g) > 1
+        if mesh.group(g) > 1
     )
 
 
