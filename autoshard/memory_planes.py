@@ -30,6 +30,11 @@ MEMORY_POINTS = 8
 # slow to close; at this limit it keeps its incumbent, which satisfies the rows
 # (on the 1.3B GPT shape on (2, 4), within 0.2% of its bound).
 MEMORY_ROUND_TIME = 15.0
+# ... and on a mesh whose plan must beat one found on another mesh (the best cost is
+# HiGHS's cutoff). A round that finds no plan in this time leaves the mesh out: such
+# rounds rarely find one (the Llama-7B fp32 step's (2, 4) mesh, 8 devices: HiGHS
+# proves after 45 s that no plan within 80 GB beats the (8,) plan).
+MEMORY_ROUND_TIME_TO_BEAT = 5.0
 # When only resharded copies (which the rows do not see) push plans over, the rows aim
 # lower: between a target found infeasible and one whose plan still went over, the
 # search stops once they are this fraction of the budget apart (no plan is found).
@@ -54,7 +59,9 @@ def _peak(live: Liveness, problem: Problem, picks) -> float:
     return args + float(full.max(initial=0.0))
 
 
-def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, deadline=None):
+def _within(
+    mp: MeshPlan, budget: float, request: SolverRequest | None = None, deadline=None, over=None
+):
     """(result, picks, request) of the cheapest plan within budget, by cutting planes:
     memory rows at the steps where the last plan went over. Resharded copies are not
     linear in the choices; when only they push a plan over, the rows aim lower (never
@@ -64,13 +71,18 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, d
     request = mp.request if request is None else request
     node_of_root = mp.node_of_root
     replicated = decode(problem, [0] * len(problem.roots))
-    args, prof = live.profile(value_specs(problem, replicated))
-    points = list(mp.memory_points) or _new_points(prof, [], args, budget)
+    points = list(mp.memory_points)
+    for picks in (over, replicated) if over is not None else (replicated,):
+        # where the plan without rows (or the replicated one) goes over
+        if not points or picks is over:
+            args, prof = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
+            points += _new_points(prof, points, args, budget)
     floor = mp.rows_floor if mp.memory_points else 0.0  # no plan's rows go below
     target, low, high = budget, None, None  # low: a target found infeasible
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
-        limit = min(request.time_limit, MEMORY_ROUND_TIME)
+        per_round = MEMORY_ROUND_TIME if request.cutoff is None else MEMORY_ROUND_TIME_TO_BEAT
+        limit = min(request.time_limit, per_round)
         req = replace(request, memory=rows, memory_budget=target, time_limit=limit)
         if deadline is not None:
             left = deadline - time.perf_counter()
@@ -83,7 +95,11 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, d
         if result.status == "cutoff":  # no plan within these rows beats the cutoff
             return result, replicated, req
         if result.status == "fallback":  # the time limit came before any feasible plan
-            return _least_memory_fallback(mp, req, result, budget)
+            found = _least_memory_fallback(mp, req, result, budget)
+            cut = request.cutoff
+            if cut is not None and not found[0].objective < cut:  # nothing that beats it
+                return replace(result, objective=cut, status="cutoff"), replicated, req
+            return found
         if result.status == "infeasible":
             if high is None:
                 break  # infeasible at the budget itself
@@ -91,12 +107,10 @@ def _within(mp: MeshPlan, budget: float, request: SolverRequest | None = None, d
             if high - low <= MEMORY_TARGET_GAP * budget:
                 break  # rows that fit are not tighter than this for any plan
             continue
-        specs = value_specs(problem, picks)
-        args, prof = live.profile(specs)
-        _, full = live.profile(specs, operand_specs(problem, picks))
+        args, full = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
         if args + full.max() <= budget * (1 + FIT_TOLERANCE):
             return result, picks, req
-        new = _new_points(prof, points, args, target)
+        new = _new_points(full, points, args, target)
         if not new:
             high, lower = target, target - (args + full.max() - budget)
             if low is None and lower < floor:
@@ -173,10 +187,9 @@ def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float):
             return floor, best, tuple(points), floor
         if peak <= budget * (1 + FIT_TOLERANCE) or time.perf_counter() >= deadline:
             return None, best, tuple(points), floor
-        specs = value_specs(problem, picks)
-        args, prof = live.profile(specs)
+        args, prof = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
         new = _new_points(prof, points, args, budget)
-        if not new:  # over only by resharded copies, which rows do not see
+        if not new:  # over only by what rows do not see (half-precision copies)
             return None, best, tuple(points), floor
         rounds = (tuple(points), floor)
         points += new
@@ -198,7 +211,8 @@ def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
         req = replace(free, memory=rows)
         choice, bound = min_memory(req)
         choice = mp.expand(choice)
-        args, prof = live.profile(value_specs(problem, decode(problem, choice)))
+        picks = decode(problem, choice)
+        args, prof = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
         new = _new_points(prof, points, args, bound)
         if not new:
             break

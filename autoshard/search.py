@@ -125,8 +125,8 @@ def solve_on_mesh(
             return replace(mp, result=skipped)
     live = Liveness(problem, donated)
     mp = replace(mp, liveness=live)
-    if budget is not None and beat is None:
-        # until a plan is found, a mesh no plan fits on is told apart without its ILP
+    if budget is not None:
+        # a mesh no plan fits on is told apart without its ILP
         floor, least, points, rows_floor = excluded_by_memory(
             mp, budget, min(time_limit, LP_BOUND_TIME)
         )
@@ -143,7 +143,8 @@ def solve_on_mesh(
     ):
         return replace(mp, result=result, picks=picks)
     if result.status != "cutoff":
-        result, picks, req = _within(replace(mp, request=replace(request, cutoff=cut)), budget)
+        within = replace(mp, request=replace(request, cutoff=cut))
+        result, picks, req = _within(within, budget, over=picks)
         mp = replace(mp, request=replace(req, cutoff=None))
     if result.status == "cutoff":  # no plan on this mesh beats the best found
         skipped = SolverResult((0,) * len(problem.roots), cut, "skipped", 0.0, 0, 0)

@@ -9,6 +9,7 @@ Ties force two nodes to pick the same layout class (state in == state out).
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -60,16 +61,63 @@ class SharedCost:
     members: tuple[tuple[int, tuple[int, ...]], ...]  # (node, its strategies that join)
 
 
+# A linear form over the choices: const plus, per (node, coefficients), the chosen
+# strategy's coefficient.
+Terms = tuple[tuple[int, np.ndarray], ...]
+
+
+def _form(terms: Terms, const: float, choice) -> float:
+    return const + sum(float(c[choice[n]]) for n, c in terms)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A resharded copy (a gathered parameter, say): nbytes per device, alive when
+    any witness is positive. A witness is a linear form over the choices (`Terms`, and
+    a constant) that is 1 when the copy exists at the row's point (a reader before it
+    and one after it both want the layout, and the producer does not already have it)
+    and at most 0 otherwise. In the ILP each copy is a variable in [0, 1] at least
+    every witness, so the rows count it exactly at integral choices."""
+
+    nbytes: float
+    witnesses: tuple[tuple[Terms, float], ...]
+
+    def alive(self, choice) -> bool:
+        return any(_form(t, c, choice) > 0.5 for t, c in self.witnesses)
+
+    @functools.cached_property
+    def key(self) -> tuple:
+        """Equal for copies with equal witnesses (one ILP variable serves them)."""
+        return tuple(witness_key(t, k) for t, k in self.witnesses)
+
+
+def witness_key(terms: Terms, const: float) -> tuple:
+    return tuple((n, np.asarray(c, float).tobytes()) for n, c in terms), const
+
+
+def merge_copies(copies) -> tuple[Copy, ...]:
+    """Copies with equal witnesses (copies of repeated layers) as one, bytes summed."""
+    merged: dict[tuple, Copy] = {}
+    for c in copies:
+        k = c.key
+        old = merged.get(k)
+        merged[k] = c if old is None else Copy(old.nbytes + c.nbytes, c.witnesses)
+    return tuple(merged.values())
+
+
 @dataclass(frozen=True)
 class MemoryRow:
-    """Per-device bytes alive at one point of the step, linear in the choices:
-    `const` plus, for each (node, bytes), the chosen strategy's entry of bytes."""
+    """Per-device bytes alive at one point of the step: `const` plus, for each (node,
+    bytes), the chosen strategy's entry of bytes (linear in the choices), plus the
+    resharded copies alive there (`Copy`)."""
 
-    terms: tuple[tuple[int, np.ndarray], ...]
+    terms: Terms
     const: float = 0.0
+    copies: tuple[Copy, ...] = ()
 
     def value(self, choice) -> float:
-        return self.const + sum(float(b[choice[n]]) for n, b in self.terms)
+        copies = sum(c.nbytes for c in self.copies if c.alive(choice))
+        return _form(self.terms, self.const, choice) + copies
 
 
 @dataclass(frozen=True)
@@ -164,17 +212,54 @@ class _Rows:
                     coef[int(j)] = coef.get(int(j), 0.0) - 1.0
                 self.add(list(coef), list(coef.values()), 0)
 
-    def memory(self, request: SolverRequest, offs, extra: int | None = None) -> None:
-        """Each memory row <= the budget, or (extra given) <= the variable x[extra]."""
+    def memory(self, request: SolverRequest, offs, n_var: int, extra: int | None = None) -> int:
+        """Each memory row <= the budget, or (extra given) <= the variable x[extra]
+        (in `memory_unit`s).
+        Resharded copies get variables from n_var on (one per distinct copy, in
+        [0, 1], each at least its witnesses); returns the variable count after them."""
+        copy_var: dict[tuple, int] = {}
+        unit = memory_unit(request)
         for row in request.memory:
             cols, vals = [], []
             for n, b in row.terms:
                 cols += list(offs[n] + np.arange(len(b)))
-                vals += list(np.asarray(b, float))
+                vals += list(np.asarray(b, float) / unit)
+            for cp in row.copies:
+                key = cp.key
+                if key not in copy_var:
+                    copy_var[key] = n_var
+                    for terms, const in cp.witnesses:  # witness - z <= 0
+                        wc, wv = _linear(terms, offs)
+                        self.ineq([*wc, n_var], [*wv, -1.0], -const)
+                    n_var += 1
+                cols.append(copy_var[key])
+                vals.append(cp.nbytes / unit)
             if extra is None:
-                self.ineq(cols, vals, request.memory_budget - row.const)
+                self.ineq(cols, vals, (request.memory_budget - row.const) / unit)
             else:
-                self.ineq([*cols, extra], [*vals, -1.0], -row.const)
+                self.ineq([*cols, extra], [*vals, -1.0], -row.const / unit)
+        return n_var
+
+
+def memory_unit(request: SolverRequest) -> float:
+    """The bytes of one unit of the memory rows as HiGHS gets them: the largest entry
+    of any row. In bytes (coefficients up to ~1e11 beside the 0/1 rows of resharded
+    copies) HiGHS can find a feasible problem infeasible."""
+    most = [float(np.max(np.abs(b), initial=0.0)) for r in request.memory for _, b in r.terms]
+    most += [c.nbytes for r in request.memory for c in r.copies]
+    return max([1.0, *most])
+
+
+def _linear(terms: Terms, offs) -> tuple[list[int], list[float]]:
+    """Columns and coefficients of a linear form over the strategy variables."""
+    cols: list[int] = []
+    vals: list[float] = []
+    for n, coef in terms:
+        coef = np.asarray(coef, float)
+        nz = np.flatnonzero(coef)
+        cols += (offs[n] + nz).tolist()
+        vals += coef[nz].tolist()
+    return cols, vals
 
 
 def _problem(request: SolverRequest):
@@ -203,7 +288,9 @@ def _problem(request: SolverRequest):
             )
     rows.ties(request, offs)
     if request.memory_budget is not None:
-        rows.memory(request, offs)
+        before = n_var
+        n_var = rows.memory(request, offs, n_var)
+        cost.append(np.zeros(n_var - before))  # resharded copies' variables
     for sc in request.shared:  # y >= chosen(node in members), y in [0, 1], cost * y
         y = n_var
         n_var += 1
@@ -305,7 +392,7 @@ def min_memory_bound(request: SolverRequest) -> tuple[tuple[int, ...], float, fl
     bound = getattr(res, "mip_dual_bound", None)
     if res.status == 0 and res.fun is not None:
         bound = min(float(res.fun), bound if bound is not None else np.inf)
-    floor = float(bound) if bound is not None and np.isfinite(bound) else 0.0
+    floor = float(bound) * memory_unit(request) if bound is not None and np.isfinite(bound) else 0.0
     return choice, value, min(floor, value)
 
 
@@ -315,13 +402,16 @@ def _min_memory(request: SolverRequest):
     rows = _Rows()
     rows.one_each(request, offs)
     rows.ties(request, offs)
-    rows.memory(request, offs, extra=n_s)
-    c = np.r_[np.zeros(n_s), 1.0]
+    n_var = rows.memory(request, offs, n_s + 1, extra=n_s)
+    n_copies = n_var - n_s - 1  # resharded copies' variables, after the peak's
+    c = np.r_[np.zeros(n_s), 1.0, np.zeros(n_copies)]
     res = milp(
         c,
-        constraints=rows.constraint(n_s + 1),
-        integrality=np.r_[np.ones(n_s), 0.0],
-        bounds=Bounds(np.r_[np.zeros(n_s), 0.0], np.r_[np.ones(n_s), np.inf]),
+        constraints=rows.constraint(n_var),
+        integrality=np.r_[np.ones(n_s), np.zeros(1 + n_copies)],
+        bounds=Bounds(
+            np.zeros(n_var), np.r_[np.ones(n_s), np.inf, np.ones(n_copies)]
+        ),
         options={"time_limit": request.time_limit, "mip_rel_gap": MIN_MEMORY_REL_GAP},
     )
     return res, offs

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autoshard.cost_model.ilp import MemoryRow
+from autoshard.cost_model.ilp import Copy, MemoryRow, merge_copies, witness_key
 from autoshard.cost_model.memory import dfs_order, live_intervals
 from autoshard.cost_model.resharding import per_device_bytes
 from autoshard.passes.graph import LOOP_SLICE, LOOP_STACK, Lit, OpGraph
@@ -180,6 +180,10 @@ class Liveness:
     def __init__(self, problem: Problem, donated: frozenset[int] = frozenset()):
         self.problem = problem
         self._cache: dict[int, np.ndarray] = {}
+        self._reads = None  # readers of every value read (`_readers`)
+        self._rows: dict = {}  # (step, ILP node per root) -> MemoryRow
+        self._copy_cache: dict = {}  # (value, readers before / after, nodes) -> copies
+        self._wants: dict[tuple[int, int], list] = {}
         self.args = tuple(problem.graph.inputs)
         self.outputs, self.order, (self.first, self.last) = structure(problem.graph, donated)
         self.steps = len(self.order)
@@ -251,15 +255,82 @@ class Liveness:
         return {"arguments": args, "outputs": outs, "activations_peak": peak, "total": args + peak}
 
     def row(self, step: int, node_of_root: dict[int, int]) -> MemoryRow:
-        """The bytes alive at step (arguments included) as a function of the choices."""
+        """The bytes alive at step (arguments included) as a function of the choices,
+        resharded copies included (`copies_at`)."""
+        key = (step, tuple(node_of_root.values()))
+        if key not in self._rows:
+            p = self.problem
+            live = self.live_at(step)
+            terms: dict[int, np.ndarray] = {}
+            for v in [*self.args, *live.tolist()]:
+                root = p.root_of[p.value_src[v][0]]
+                n = node_of_root[root]
+                terms[n] = terms.get(n, 0.0) + self._bytes_per_choice(v, root)
+            copies = merge_copies(self.copies_at(step, node_of_root))
+            self._rows[key] = MemoryRow(tuple(sorted(terms.items())), copies=copies)
+        return self._rows[key]
+
+    def copies_at(self, step: int, node_of_root: dict[int, int]) -> list[Copy]:
+        """The resharded copies that may be alive after step, as functions of the
+        choices (`transients` gives their bytes for one plan). A copy of value r in
+        layout w exists from its first reader that wants w to its last one, unless r is
+        made in w: so it is alive at step when a reader at or before step and one at
+        or after it both want w and r's producer does not make w."""
+        reads, values, steps = self._readers()
+        nodes = tuple(node_of_root.values())
+        out = []
+        for i in np.flatnonzero((steps[:, 0] <= step) & (steps[:, 1] >= step)).tolist():
+            r, at = int(values[i]), reads[int(values[i])][0]
+            # the readers at or before step, and the first one at or after it
+            split = (r, int(np.searchsorted(at, step, "right")), int(np.searchsorted(at, step)))
+            key = (split, nodes)
+            if key not in self._copy_cache:
+                self._copy_cache[key] = self._copies(*split, node_of_root)
+            out += self._copy_cache[key]
+        return out
+
+    def _copies(self, r: int, before: int, after: int, node_of_root) -> list[Copy]:
+        """Copies of value r alive between its readers [:before] and [after:]."""
         p = self.problem
-        live = self.live_at(step)
-        terms: dict[int, np.ndarray] = {}
-        for v in [*self.args, *live.tolist()]:
-            root = p.root_of[p.value_src[v][0]]
-            n = node_of_root[root]
-            terms[n] = terms.get(n, 0.0) + self._bytes_per_choice(v, root)
-        return MemoryRow(tuple(sorted(terms.items())))
+        if r not in p.value_src:
+            return []
+        _, readers = self._reads[0][r]
+        root = p.root_of[p.value_src[r][0]]
+        made = [p.spec_of(r, i) for i in range(len(p.units[root]))]
+        node = node_of_root[root]
+
+        def wants(rs):  # (node, wanted spec per strategy), once per distinct reader
+            out = {}
+            for op, pos in rs:
+                u = p.node_unit(op)
+                w = self._want(u, pos)
+                out[node_of_root[p.root_of[u]], id(w)] = (node_of_root[p.root_of[u]], w)
+            return list(out.values())
+
+        first, last = wants(readers[:before]), wants(readers[after:])
+        wanted = {w for _, ws in first for w in ws if w is not None}
+        wanted &= {w for _, ws in last for w in ws if w is not None}
+        out = []
+        for w in wanted:
+            has = np.array([s == w for s in made], float)
+            if has.all():
+                continue
+            witnesses = {}
+            for na, wa in first:
+                for nb, wb in last:
+                    ia = np.array([x == w for x in wa], float)
+                    ib = np.array([x == w for x in wb], float)
+                    if not (ia.any() and ib.any()):
+                        continue
+                    terms: dict[int, np.ndarray] = {}
+                    for n, c in ((na, ia), (nb, ib), (node, -has)):
+                        terms[n] = terms[n] + c if n in terms else c
+                    form = (tuple(sorted(terms.items())), -1.0)
+                    witnesses.setdefault(witness_key(*form), form)
+            if witnesses:
+                nbytes = per_device_bytes(p.graph.values[r].nbytes, w, p.mesh)
+                out.append(Copy(nbytes, tuple(witnesses.values())))
+        return out
 
     def _bytes_per_choice(self, v: int, root: int) -> np.ndarray:
         if v not in self._cache:
@@ -272,28 +343,30 @@ class Liveness:
             )
         return self._cache[v]
 
-    def alive_at(self, step: int, specs) -> list[tuple[float, str, str]]:
-        """What occupies memory after step: (per-device bytes, kind, what), largest
-        first. Kinds: "parameters", "optimizer state", "other arguments" (named by
-        path) and "intermediates" (named by the operation that makes them)."""
-        g = self.problem.graph
-        b = self.value_bytes(specs)
-        live = self.live_at(step)
-        producer = g.producer()
-        out = []
-        for v in [*self.args, *live.tolist()]:
-            info = g.values[v]
-            if v in producer:
-                kind = "intermediates"
-                what = f"{g.nodes[producer[v]].name} {list(info.shape)} {info.dtype}"
-            else:
-                kind = (
-                    "optimizer state"
-                    if "opt_state" in info.name
-                    else "parameters"
-                    if "params" in info.name
-                    else "other arguments"
-                )
-                what = info.name
-            out.append((float(b[v]), kind, what))
-        return sorted(out, key=lambda x: -x[0])
+    def _want(self, unit: int, pos: int) -> list:
+        """Operand pos's spec of the operation of unit, per strategy of its root."""
+        if (unit, pos) not in self._wants:
+            p = self.problem
+            strategies = p.units[unit]
+            self._wants[unit, pos] = [strategies[k].in_specs[pos] for k in p.follow[unit]]
+        return self._wants[unit, pos]
+
+    def _readers(self):
+        """(per value an operation reads: its readers' steps, and its readers as
+        (operation, operand position), in step order; those values; their first and
+        last reader's step)."""
+        if self._reads is None:
+            g = self.problem.graph
+            reads: dict[int, list] = {}
+            for step, op in enumerate(self.order):
+                for pos, r in enumerate(g.nodes[op].inputs):
+                    if not isinstance(r, Lit):
+                        reads.setdefault(r, []).append((step, op, pos))
+            values = np.fromiter(reads, dtype=np.int64, count=len(reads))
+            steps = np.array([(rs[0][0], rs[-1][0]) for rs in reads.values()], dtype=np.int64)
+            table = {
+                r: (np.array([s for s, _, _ in rs]), [(op, pos) for _, op, pos in rs])
+                for r, rs in reads.items()
+            }
+            self._reads = (table, values, steps.reshape(-1, 2))
+        return self._reads

@@ -27,7 +27,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from autoshard.cost_model.ilp import Edge, MemoryRow, SharedCost, SolverRequest, SolverResult
+from autoshard.cost_model.ilp import (
+    Copy,
+    Edge,
+    MemoryRow,
+    SharedCost,
+    SolverRequest,
+    SolverResult,
+    merge_copies,
+)
 from autoshard.cost_model.ilp import solve as _solve
 from autoshard.passes.graph import Lit, OpGraph
 
@@ -170,11 +178,18 @@ class Collapse:
         )
 
     def row(self, row: MemoryRow) -> MemoryRow:
-        terms: dict[int, np.ndarray] = {}
-        for n, b in row.terms:
+        copies = [
+            Copy(c.nbytes, tuple((self._terms(t), k) for t, k in c.witnesses))
+            for c in row.copies
+        ]
+        return MemoryRow(self._terms(row.terms), row.const, merge_copies(copies))
+
+    def _terms(self, terms):
+        out: dict[int, np.ndarray] = {}
+        for n, b in terms:
             k = int(self.node_class[n])
-            terms[k] = terms[k] + b if k in terms else np.asarray(b, float)
-        return MemoryRow(tuple(sorted(terms.items())), row.const)
+            out[k] = out[k] + b if k in out else np.asarray(b, float)
+        return tuple(sorted(out.items()))
 
     def expand(self, choice) -> tuple[int, ...]:
         """Per ILP node, its class's choice."""

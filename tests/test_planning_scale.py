@@ -11,22 +11,26 @@ from util import ADAM_ATOL, CPU, assert_close, run_both
 import autoshard
 from autoshard import progress, search
 from autoshard.cost_model.ilp import (
+    Copy,
     Edge,
     MemoryRow,
     SharedCost,
     SolverRequest,
     Tie,
     evaluate,
+    merge_copies,
+    min_memory_bound,
     solve,
 )
 from autoshard.cost_model.memory import live_sets
 from autoshard.mesh import candidate_meshes
-from autoshard.mesh_plan import value_specs
+from autoshard.mesh_plan import operand_specs, value_specs
 from autoshard.models import gpt, mlp
 from autoshard.passes.classes import class_problem, on_mesh, skeleton
 from autoshard.passes.graph import Lit, build_graph
 from autoshard.passes.liveness import hold_loop_buffers, in_place_operands, materialized
 from autoshard.passes.repeats import Collapse, collapse_roots, unit_colours
+from autoshard.passes.simplify import decode
 from autoshard.passes.trace import trace
 
 
@@ -262,3 +266,49 @@ def test_live_intervals_give_the_live_sets_bytes(gpt4_graph):
     assert np.array_equal(live.live_bytes(b), [b[s].sum() for s in sets])
     peak = int(np.argmax(live.live_bytes(b)))
     assert live.live_at(peak).tolist() == sets[peak]
+
+
+def test_memory_rows_count_resharded_copies_exactly(gpt4_graph):
+    """A memory row at a step, resharded copies included, equals the bytes the plan's
+    liveness profile has there (a gathered parameter kept for the backward pass, say),
+    for the cost-optimal plan and for arbitrary choices."""
+    g = gpt4_graph
+    mesh = candidate_meshes((2, 4), jax.devices(), CPU)[0]
+    mp = search.solve_on_mesh(g, mesh, CPU, 60.0)
+    problem, live = mp.problem, mp.liveness
+    rng = np.random.default_rng(0)
+    choices = [mp.result.choice] + [
+        tuple(int(rng.integers(len(problem.units[r]))) for r in problem.roots) for _ in range(4)
+    ]
+    with_copies = 0
+    for choice in choices:
+        picks = decode(problem, choice)
+        args, full = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
+        _, bare = live.profile(value_specs(problem, picks))
+        steps = {int(np.argmax(full)), *rng.integers(live.steps, size=6).tolist()}
+        for t in sorted(steps):
+            row = live.row(t, mp.node_of_root)
+            assert row.value(choice) == pytest.approx(args + full[t], rel=1e-9)
+            with_copies += bool(full[t] > bare[t])
+    assert with_copies >= 3  # copies were alive at some of these steps
+
+
+def test_a_resharded_copy_in_a_memory_row_binds_the_solver():
+    """Producer node 0 makes a value sharded (0) or replicated (1); nodes 1 and 2 read
+    it before and after the row's step, wanting it replicated (0) or sharded (1). A
+    replicated copy of 10 bytes is alive when both readers want it replicated and the
+    producer shards it: the cheapest plan without the row's copy does exactly that."""
+    want = np.array([1.0, 0.0])  # reader strategy 0 wants the replicated layout
+    made = np.array([0.0, 1.0])  # producer strategy 1 makes it
+    copy = Copy(10.0, ((((0, -made), (1, want), (2, want)), -1.0),))
+    row = MemoryRow(((0, np.array([2.0, 8.0])),), copies=(copy,))
+    costs = (np.array([0.0, 5.0]), np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+    assert row.value((0, 0, 0)) == 12.0 and row.value((0, 1, 0)) == 2.0
+    assert row.value((1, 0, 0)) == 8.0
+    free = solve(SolverRequest(costs))
+    assert free.choice == (0, 0, 0)
+    held = solve(SolverRequest(costs, memory=(row,), memory_budget=9.0))
+    assert held.choice in ((0, 1, 0), (0, 0, 1)) and held.objective == 1.0
+    assert min_memory_bound(SolverRequest(costs, memory=(row,)))[1:] == (2.0, 2.0)
+    # copies of repeated layers with equal witnesses are one variable, bytes summed
+    assert merge_copies([copy, copy])[0].nbytes == 20.0
