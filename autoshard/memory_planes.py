@@ -63,10 +63,13 @@ def _within(
     mp: MeshPlan, budget: float, request: SolverRequest | None = None, deadline=None, over=None
 ):
     """(result, picks, request) of the cheapest plan within budget, by cutting planes:
-    memory rows at the steps where the last plan went over. Resharded copies are not
-    linear in the choices; when only they push a plan over, the rows aim lower (never
-    below what the rows of mp's memory screen allow any plan). With a deadline
-    (time.perf_counter() seconds), no round starts after it."""
+    memory rows at the steps where the last plan went over, first those of mp's memory
+    screen and where `over` (the plan without rows) went over. The rows count
+    resharded copies (`Liveness.row`); when something they do not see (half-precision
+    copies) pushes a plan over, the rows aim lower (never below what the rows of mp's
+    memory screen allow any plan). With a cutoff, a round that finds no plan in
+    MEMORY_ROUND_TIME_TO_BEAT seconds ends the search (status "cutoff", objective nan).
+    With a deadline (time.perf_counter() seconds), no round starts after it."""
     problem, live = mp.problem, mp.liveness
     request = mp.request if request is None else request
     node_of_root = mp.node_of_root
@@ -98,7 +101,7 @@ def _within(
             found = _least_memory_fallback(mp, req, result, budget)
             cut = request.cutoff
             if cut is not None and not found[0].objective < cut:  # nothing that beats it
-                return replace(result, objective=cut, status="cutoff"), replicated, req
+                return replace(result, objective=np.nan, status="cutoff"), replicated, req
             return found
         if result.status == "infeasible":
             if high is None:

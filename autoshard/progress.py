@@ -76,7 +76,12 @@ class Progress:
         )
 
     def skipped(self, shape, bound: float, best: float) -> None:
-        if bound == float("inf"):
+        if bound != bound:  # nan: the memory rounds' time ran out
+            why = (
+                f"no plan within the memory budget that beats the best {best * 1e3:.3f} ms "
+                "was found in time (pass this mesh to plan on it)"
+            )
+        elif bound == float("inf"):
             why = "its LP relaxation did not finish in time (pass this mesh to plan on it)"
         else:
             why = f"its lower bound {bound * 1e3:.3f} ms is not below the best {best * 1e3:.3f} ms"

@@ -92,8 +92,9 @@ def solve_on_mesh(
     not below it, or whose LP relaxation does not finish within LP_BOUND_TIME, is not
     solved: the result has status "skipped" and the bound (inf when unknown); beat is
     also HiGHS's cutoff (`SolverRequest.cutoff`), so a mesh with no plan cheaper than
-    it is "skipped" with it as bound. Without beat, under a budget, a mesh whose
-    memory floor exceeds it is "infeasible". infos and skel (`op_infos`,
+    it is "skipped" with it as bound (nan when the budget's cutting planes found no
+    plan that beats it in their time). Under a budget, a mesh whose memory floor
+    exceeds it is "infeasible". infos and skel (`op_infos`,
     `passes.classes.skeleton`) may be passed in when known. The plan's request is over
     its ILP nodes: one per class of copies."""
     desc = MeshDesc(tuple(mesh.axis_sizes), tuple(mesh.axis_names))
@@ -147,7 +148,9 @@ def solve_on_mesh(
         result, picks, req = _within(within, budget, over=picks)
         mp = replace(mp, request=replace(req, cutoff=None))
     if result.status == "cutoff":  # no plan on this mesh beats the best found
-        skipped = SolverResult((0,) * len(problem.roots), cut, "skipped", 0.0, 0, 0)
+        # (nan: none found in the memory rounds' time, `MEMORY_ROUND_TIME_TO_BEAT`)
+        bound = cut if result.objective == result.objective else result.objective
+        skipped = SolverResult((0,) * len(problem.roots), bound, "skipped", 0.0, 0, 0)
         return replace(mp, result=skipped)
     return replace(mp, result=result, picks=picks)
 
@@ -171,13 +174,22 @@ class MemoryBudgetError(ValueError):
     """No plan on any candidate mesh fits the per-device memory budget. The message
     (the least memory reachable and what dominates it) is worked out when read."""
 
-    def __init__(self, message: str | None = None, over=(), budget: float = 0.0):
+    def __init__(self, message: str | None = None, over=(), budget: float = 0.0, untried=()):
         super().__init__(message)
         self._message, self._over, self._budget = message, list(over), budget
+        self._untried = list(untried)  # meshes too large to solve in time, not tried
 
     def __str__(self) -> str:
         if self._message is None:
             self._message = over_budget_message(self._over, self._budget)
+            if self._untried:
+                shapes = ", ".join(map(str, self._untried))
+                one = len(self._untried) == 1
+                self._message += (
+                    f" {'Mesh' if one else 'Meshes'} {shapes} {'was' if one else 'were'} not "
+                    f"tried: {'its ILP is' if one else 'their ILPs are'} too large to solve "
+                    "in time (pass mesh= to plan on one)."
+                )
         return self._message
 
 
@@ -310,7 +322,7 @@ def search(
     the cheapest plan within the budget wins, the earlier (smaller) mesh on ties.
     Raises MemoryBudgetError if no mesh has one. pinned: per mesh, value id -> spec
     the user fixed. With collapse, copies of repeated layers share ILP variables."""
-    best, best_i, tried, over = None, -1, {}, []
+    best, best_i, tried, over, untried = None, -1, {}, [], []
     colours = unit_colours(graph) if collapse else None
     infos = op_infos(graph)
     skel = skeleton(graph, infos, colours) if collapse else None
@@ -323,7 +335,10 @@ def search(
             if progress is not None:
                 progress.skipped(tuple(mesh.axis_sizes), floors[i], beat)
             continue
-        if beat is not None and not pins and _too_large(graph, infos, mesh, hw, colours, progress):
+        # once a mesh was solved or ruled out, one too large to solve in time is not built
+        tried_one = beat is not None or over
+        if tried_one and not pins and _too_large(graph, infos, mesh, hw, colours, progress):
+            untried.append(tuple(mesh.axis_sizes))
             continue
         mp = solve_on_mesh(
             graph, mesh, hw, time_limit, budget, donated, pins, colours, progress, beat, infos, skel
@@ -350,7 +365,7 @@ def search(
                 r.num_constraints,
             )
     if best is None:
-        raise MemoryBudgetError(over=over, budget=budget)
+        raise MemoryBudgetError(over=over, budget=budget, untried=untried)
     return best, tried
 
 
@@ -364,7 +379,8 @@ def _too_large(graph: OpGraph, infos, mesh, hw: Hardware, colours, progress) -> 
     if progress is not None:
         progress.note(
             f"mesh {desc.shape}: skipped, {n} strategy variables: too large to bound or "
-            "solve in time once a plan exists (pass this mesh to plan on it)"
+            "solve in time once another mesh was solved or ruled out (pass this mesh to "
+            "plan on it)"
         )
     return True
 

@@ -312,3 +312,24 @@ def test_a_resharded_copy_in_a_memory_row_binds_the_solver():
     assert min_memory_bound(SolverRequest(costs, memory=(row,)))[1:] == (2.0, 2.0)
     # copies of repeated layers with equal witnesses are one variable, bytes summed
     assert merge_copies([copy, copy])[0].nbytes == 20.0
+
+
+def test_a_mesh_too_large_to_solve_is_not_tried_once_another_was_ruled_out(
+    gpt4_graph, monkeypatch
+):
+    """With no plan found yet, the first mesh is solved whatever its size; once it is
+    ruled out by the budget, a mesh above LP_MAX_STRATEGIES is not built, and the
+    error says which mesh was not tried and how to plan on it."""
+    g = gpt4_graph
+    meshes = candidate_meshes(None, jax.devices(), CPU)
+    shapes = [tuple(m.axis_sizes) for m in meshes]
+    i8, i24 = shapes.index((8,)), shapes.index((2, 4))
+    monkeypatch.setattr(search, "MESHES_PER_RANK", (1, 1, 0))
+    desc = search.MeshDesc((2, 4), ("a", "b"))
+    n = search.strategy_variables(g, search.op_infos(g), desc, CPU, unit_colours(g))
+    monkeypatch.setattr(search, "LP_MAX_STRATEGIES", n - 1)  # (2, 4) is too large
+    with pytest.raises(autoshard.MemoryBudgetError) as err:
+        search.search(g, [meshes[i8], meshes[i24]], CPU, 60.0, 1.0)  # 1 byte: none fits
+    msg = str(err.value)
+    assert "Mesh (2, 4) was not tried" in msg and "pass mesh=" in msg
+    assert "least memory found for any plan" in msg and "mesh (8,)" in msg
