@@ -33,10 +33,10 @@ MEMORY_ROUND_TIME = 15.0
 # ... and on a mesh whose plan must beat one found on another mesh (the best cost is
 # HiGHS's cutoff). A round that finds no plan in this time leaves the mesh out: such
 # rounds rarely find one (the Llama-7B fp32 step's (2, 4) mesh, 8 devices: HiGHS
-# proves after 45 s that no plan within 80 GB beats the (8,) plan).
+# proves after 45 s that no plan within the budget beats the (8,) plan).
 MEMORY_ROUND_TIME_TO_BEAT = 5.0
-# When only resharded copies (which the rows do not see) push plans over, the rows aim
-# lower: between a target found infeasible and one whose plan still went over, the
+# When only what the rows do not see (the f32 copies of half-precision arguments of a
+# `half_as_f32` compiler) pushes plans over, the rows aim lower: between a target found infeasible and one whose plan still went over, the
 # search stops once they are this fraction of the budget apart (no plan is found).
 MEMORY_TARGET_GAP = 0.01
 # The least-memory search behind MemoryBudgetError's message: budgets stepped down by
