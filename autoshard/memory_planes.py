@@ -36,8 +36,9 @@ MEMORY_ROUND_TIME = 15.0
 # proves after 45 s that no plan within the budget beats the (8,) plan).
 MEMORY_ROUND_TIME_TO_BEAT = 5.0
 # When only what the rows do not see (the f32 copies of half-precision arguments of a
-# `half_as_f32` compiler) pushes plans over, the rows aim lower: between a target found infeasible and one whose plan still went over, the
-# search stops once they are this fraction of the budget apart (no plan is found).
+# `half_as_f32` compiler) pushes plans over, the rows aim lower: between a target
+# found infeasible and one whose plan still went over, the search stops once they are
+# this fraction of the budget apart (no plan is found).
 MEMORY_TARGET_GAP = 0.01
 # The least-memory search behind MemoryBudgetError's message: budgets stepped down by
 # this factor from the best plan known, at most this many times.
