@@ -101,15 +101,25 @@ def roofline(mp: MeshPlan, infos=None) -> tuple[tuple[float, float], ...]:
     p, g = mp.problem, mp.problem.graph
     infos = op_infos(g) if infos is None else infos
     out = []
+    memo: dict = {}  # copies share their OpInfo and strategies: each pair priced once
     for n, op in zip(g.nodes, infos, strict=True):
         u = p.node_unit(n.id)
         st = p.units[u][mp.picks[u]]
-        specs = [s for s in (*st.in_specs, *st.out_specs) if s is not None]
-        used = p.mesh.group(sorted({a for s in specs for d in s for a in d}))
-        sizes = op.fmap.factors
-        shapes = [[math.prod(sizes[f].size for f in d) for d in o] for o in op.fmap.outputs]
-        flops = op_flops(op.primitive, op.fmap, shapes)
-        nbytes = 0.0 if op.fusible else sum(op.in_bytes) + sum(op.out_bytes)
+        key = (id(op), id(st))
+        if key not in memo:
+            memo[key] = _op_roofline(op, st, p.mesh)
+        flops, nbytes, used = memo[key]
         if flops or nbytes:
             out.append((n.weight * flops / used, n.weight * nbytes / used))
     return tuple(out)
+
+
+def _op_roofline(op, st, mesh) -> tuple[float, float, int]:
+    """(flops, bytes, devices that split it) of one operation under strategy st."""
+    specs = [s for s in (*st.in_specs, *st.out_specs) if s is not None]
+    used = mesh.group(sorted({a for s in specs for d in s for a in d}))
+    sizes = op.fmap.factors
+    shapes = [[math.prod(sizes[f].size for f in d) for d in o] for o in op.fmap.outputs]
+    flops = op_flops(op.primitive, op.fmap, shapes)
+    nbytes = 0.0 if op.fusible else sum(op.in_bytes) + sum(op.out_bytes)
+    return flops, nbytes, used
