@@ -256,8 +256,11 @@ class MeshWork:
 
     def cost(self, f: int) -> np.ndarray:
         c = self.canon[f]
-        own = self.strategies[self.source[c]]
-        return np.array([own[k].cost for k in self.maps[c]])
+        key = ("cost", c)
+        if key not in self._terms:  # follow classes of one canonical class share it
+            own = self.strategies[self.source[c]]
+            self._terms[key] = np.array([own[k].cost for k in self.maps[c]])
+        return self._terms[key]
 
     def _operand(self, t: int):
         """(have, want, bytes, scale, key) of an operand term, per root strategy."""

@@ -42,7 +42,7 @@ class ValueInfo:
     dtype: Any
     name: str = ""
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
