@@ -63,22 +63,25 @@ def combine(mp: MeshPlan, preds) -> list[tuple[int, coll.Collective]]:
     A collective in a loop body appears once in the program text."""
     g = mp.problem.graph
     anc = _ancestors(g)
-    buckets: list[tuple[coll.Collective, int, list[int]]] = []
+    # per bucket: its collective, region, first member, and as bitsets its members and
+    # every node a member depends on (independence of a new member is two bit tests)
+    buckets: list[tuple[coll.Collective, int, int, int, int]] = []
     out = []
     for nid, c in preds:
         region, weight = g.nodes[nid].region, g.nodes[nid].weight
         if c.kind not in COMBINED_KINDS:
             out.append((weight, c))
             continue
-        for i, (b, r, members) in enumerate(buckets):
+        for i, (b, r, first, members, below) in enumerate(buckets):
             same = (b.kind, b.axes, b.reduce_op, r) == (c.kind, c.axes, c.reduce_op, region)
-            indep = all(not (anc[nid] >> m) & 1 and not (anc[m] >> nid) & 1 for m in members)
+            indep = not anc[nid] & members and not (below >> nid) & 1
             if same and indep:
-                buckets[i] = (replace(b, nbytes=b.nbytes + c.nbytes), r, [*members, nid])
+                merged = replace(b, nbytes=b.nbytes + c.nbytes)
+                buckets[i] = (merged, r, first, members | 1 << nid, below | anc[nid])
                 break
         else:
-            buckets.append((c, region, [nid]))
-    return out + [(g.nodes[m[0]].weight, b) for b, _, m in buckets]
+            buckets.append((c, region, nid, 1 << nid, anc[nid]))
+    return out + [(g.nodes[first].weight, b) for b, _, first, _, _ in buckets]
 
 
 def comm_time_by_kind(mp, combined) -> dict[str, float]:

@@ -132,13 +132,9 @@ class OpGraph:
         return {v: n.id for n in self.nodes for v in n.outputs}
 
     def consumers(self) -> dict[int, list[tuple[int, int]]]:
-        """value id -> [(node id, operand position)]."""
-        out: dict[int, list[tuple[int, int]]] = {}
-        for n in self.nodes:
-            for pos, v in enumerate(n.inputs):
-                if isinstance(v, int):
-                    out.setdefault(v, []).append((n.id, pos))
-        return out
+        """value id -> [(node id, operand position)]. Made once per graph and shared:
+        read it, do not change it."""
+        return _consumers(self)
 
     def shape(self, ref: int | Lit) -> tuple[int, ...]:
         return ref.shape if isinstance(ref, Lit) else self.values[ref].shape
@@ -172,6 +168,16 @@ def per_graph(fn):
         return memo[fn]
 
     return cached
+
+
+@per_graph
+def _consumers(graph: OpGraph) -> dict[int, list[tuple[int, int]]]:
+    out: dict[int, list[tuple[int, int]]] = {}
+    for n in graph.nodes:
+        for pos, v in enumerate(n.inputs):
+            if isinstance(v, int):
+                out.setdefault(v, []).append((n.id, pos))
+    return out
 
 
 @per_graph
