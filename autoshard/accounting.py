@@ -42,8 +42,9 @@ def times(mp: MeshPlan, combined) -> tuple[float, float]:
     return max(mp.result.objective - comm, 0.0), comm
 
 
-def _ancestors(graph: OpGraph) -> list[int]:
-    """Per node, a bitset of the nodes it depends on (transitively)."""
+def _ancestors(graph: OpGraph, bit: dict[int, int]) -> list[int]:
+    """Per node, a bitset of the nodes in bit (node id -> its bit) it depends on
+    (transitively): only those are ever tested, and the sets stay small."""
     prod = graph.producer()
     anc: list[int] = []
     for n in graph.nodes:
@@ -51,7 +52,7 @@ def _ancestors(graph: OpGraph) -> list[int]:
         for r in n.inputs:
             if not isinstance(r, Lit) and r in prod:
                 p = prod[r]
-                bits |= anc[p] | (1 << p)
+                bits |= anc[p] | (1 << bit[p] if p in bit else 0)
         anc.append(bits)
     return anc
 
@@ -62,7 +63,11 @@ def combine(mp: MeshPlan, preds) -> list[tuple[int, coll.Collective]]:
     same axes in the same loop body (or outside all loops) merged greedily into one.
     A collective in a loop body appears once in the program text."""
     g = mp.problem.graph
-    anc = _ancestors(g)
+    bit: dict[int, int] = {}  # the nodes with a combinable collective, numbered
+    for nid, c in preds:
+        if c.kind in COMBINED_KINDS:
+            bit.setdefault(nid, len(bit))
+    anc = _ancestors(g, bit)
     # per bucket: its collective, region, first member, and as bitsets its members and
     # every node a member depends on (independence of a new member is two bit tests)
     buckets: list[tuple[coll.Collective, int, int, int, int]] = []
@@ -74,13 +79,13 @@ def combine(mp: MeshPlan, preds) -> list[tuple[int, coll.Collective]]:
             continue
         for i, (b, r, first, members, below) in enumerate(buckets):
             same = (b.kind, b.axes, b.reduce_op, r) == (c.kind, c.axes, c.reduce_op, region)
-            indep = not anc[nid] & members and not (below >> nid) & 1
+            indep = not anc[nid] & members and not (below >> bit[nid]) & 1
             if same and indep:
                 merged = replace(b, nbytes=b.nbytes + c.nbytes)
-                buckets[i] = (merged, r, first, members | 1 << nid, below | anc[nid])
+                buckets[i] = (merged, r, first, members | 1 << bit[nid], below | anc[nid])
                 break
         else:
-            buckets.append((c, region, nid, 1 << nid, anc[nid]))
+            buckets.append((c, region, nid, 1 << bit[nid], anc[nid]))
     return out + [(g.nodes[first].weight, b) for b, _, first, _, _ in buckets]
 
 
