@@ -42,8 +42,9 @@ def times(mp: MeshPlan, combined) -> tuple[float, float]:
     return max(mp.result.objective - comm, 0.0), comm
 
 
-def _ancestors(graph: OpGraph) -> list[int]:
-    """Per node, a bitset of the nodes it depends on (transitively)."""
+def _ancestors(graph: OpGraph, bit: dict[int, int]) -> list[int]:
+    """Per node, a bitset of the nodes in bit (node id -> its bit) it depends on
+    (transitively): only those are ever tested, and the sets stay small."""
     prod = graph.producer()
     anc: list[int] = []
     for n in graph.nodes:
@@ -51,7 +52,7 @@ def _ancestors(graph: OpGraph) -> list[int]:
         for r in n.inputs:
             if not isinstance(r, Lit) and r in prod:
                 p = prod[r]
-                bits |= anc[p] | (1 << p)
+                bits |= anc[p] | (1 << bit[p] if p in bit else 0)
         anc.append(bits)
     return anc
 
@@ -62,23 +63,30 @@ def combine(mp: MeshPlan, preds) -> list[tuple[int, coll.Collective]]:
     same axes in the same loop body (or outside all loops) merged greedily into one.
     A collective in a loop body appears once in the program text."""
     g = mp.problem.graph
-    anc = _ancestors(g)
-    buckets: list[tuple[coll.Collective, int, list[int]]] = []
+    bit: dict[int, int] = {}  # the nodes with a combinable collective, numbered
+    for nid, c in preds:
+        if c.kind in COMBINED_KINDS:
+            bit.setdefault(nid, len(bit))
+    anc = _ancestors(g, bit)
+    # per bucket: its collective, region, first member, and as bitsets its members and
+    # every node a member depends on (independence of a new member is two bit tests)
+    buckets: list[tuple[coll.Collective, int, int, int, int]] = []
     out = []
     for nid, c in preds:
         region, weight = g.nodes[nid].region, g.nodes[nid].weight
         if c.kind not in COMBINED_KINDS:
             out.append((weight, c))
             continue
-        for i, (b, r, members) in enumerate(buckets):
+        for i, (b, r, first, members, below) in enumerate(buckets):
             same = (b.kind, b.axes, b.reduce_op, r) == (c.kind, c.axes, c.reduce_op, region)
-            indep = all(not (anc[nid] >> m) & 1 and not (anc[m] >> nid) & 1 for m in members)
+            indep = not anc[nid] & members and not (below >> bit[nid]) & 1
             if same and indep:
-                buckets[i] = (replace(b, nbytes=b.nbytes + c.nbytes), r, [*members, nid])
+                merged = replace(b, nbytes=b.nbytes + c.nbytes)
+                buckets[i] = (merged, r, first, members | 1 << bit[nid], below | anc[nid])
                 break
         else:
-            buckets.append((c, region, [nid]))
-    return out + [(g.nodes[m[0]].weight, b) for b, _, m in buckets]
+            buckets.append((c, region, nid, 1 << bit[nid], anc[nid]))
+    return out + [(g.nodes[first].weight, b) for b, _, first, _, _ in buckets]
 
 
 def comm_time_by_kind(mp, combined) -> dict[str, float]:
@@ -101,15 +109,25 @@ def roofline(mp: MeshPlan, infos=None) -> tuple[tuple[float, float], ...]:
     p, g = mp.problem, mp.problem.graph
     infos = op_infos(g) if infos is None else infos
     out = []
+    memo: dict = {}  # copies share their OpInfo and strategies: each pair priced once
     for n, op in zip(g.nodes, infos, strict=True):
         u = p.node_unit(n.id)
         st = p.units[u][mp.picks[u]]
-        specs = [s for s in (*st.in_specs, *st.out_specs) if s is not None]
-        used = p.mesh.group(sorted({a for s in specs for d in s for a in d}))
-        sizes = op.fmap.factors
-        shapes = [[math.prod(sizes[f].size for f in d) for d in o] for o in op.fmap.outputs]
-        flops = op_flops(op.primitive, op.fmap, shapes)
-        nbytes = 0.0 if op.fusible else sum(op.in_bytes) + sum(op.out_bytes)
+        key = (id(op), id(st))
+        if key not in memo:
+            memo[key] = _op_roofline(op, st, p.mesh)
+        flops, nbytes, used = memo[key]
         if flops or nbytes:
             out.append((n.weight * flops / used, n.weight * nbytes / used))
     return tuple(out)
+
+
+def _op_roofline(op, st, mesh) -> tuple[float, float, int]:
+    """(flops, bytes, devices that split it) of one operation under strategy st."""
+    specs = [s for s in (*st.in_specs, *st.out_specs) if s is not None]
+    used = mesh.group(sorted({a for s in specs for d in s for a in d}))
+    sizes = op.fmap.factors
+    shapes = [[math.prod(sizes[f].size for f in d) for d in o] for o in op.fmap.outputs]
+    flops = op_flops(op.primitive, op.fmap, shapes)
+    nbytes = 0.0 if op.fusible else sum(op.in_bytes) + sum(op.out_bytes)
+    return flops, nbytes, used

@@ -34,15 +34,14 @@ from autoshard.mesh_plan import MeshPlan, operand_specs, value_specs  # noqa: F4
 from autoshard.mesh_shapes import candidate_shapes, make_mesh  # noqa: F401
 from autoshard.passes.annotate import Layout, partition_spec
 from autoshard.passes.classes import class_problem, on_mesh, skeleton
-from autoshard.passes.graph import Lit, OpGraph, feeds_contraction
+from autoshard.passes.graph import Lit, OpGraph, feeds_contraction, per_graph
 from autoshard.passes.liveness import Liveness
 from autoshard.passes.repeats import unit_colours
 from autoshard.passes.simplify import (
     build_request,
     decode,
-    followed_operand,
+    followed_operands,
     merge_followers,
-    weak_values,
 )
 from autoshard.passes.strategies import enumerate_strategies, op_info, source_strategies
 from autoshard.pins import restrict
@@ -193,6 +192,7 @@ class MemoryBudgetError(ValueError):
         return self._message
 
 
+@per_graph
 def op_infos(graph: OpGraph) -> list:
     """What strategy enumeration needs of each operation (the same on every mesh)."""
     feeds = feeds_contraction(graph)
@@ -290,12 +290,12 @@ def strategy_variables(graph: OpGraph, infos, desc: MeshDesc, hw: Hardware, colo
     counts += [
         len(source_strategies(graph.values[v].shape, 0, desc, hw, True)) for v, _ in graph.consts
     ]
-    weak = weak_values(graph)
+    sizes: dict = {}  # copies share one OpInfo: enumerated (from a cache) once each
     counts += [
         0
-        if followed_operand(graph, node, weak) is not None
-        else len(enumerate_strategies(o, desc, hw))
-        for node, o in zip(graph.nodes, infos, strict=True)
+        if pos is not None
+        else sizes.get(id(o)) or sizes.setdefault(id(o), len(enumerate_strategies(o, desc, hw)))
+        for pos, o in zip(followed_operands(graph), infos, strict=True)
     ]
     if colours is None:
         return sum(counts)

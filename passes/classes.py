@@ -35,10 +35,9 @@ from autoshard.passes.simplify import (
     FollowCache,
     Problem,
     edge_between,
-    followed_operand,
+    followed_operands,
     reshard_time,
     shared_costs,
-    weak_values,
 )
 from autoshard.passes.strategies import enumerate_strategies, source_strategies
 
@@ -143,9 +142,8 @@ def _follow_classes(graph: OpGraph, n_in: int, usrc, value_src):
     follows: dict = {}
     ufol = [_intern(follows, (s, -1, 0, 0, 0)) for s in usrc]
     root_of, followed = list(range(len(usrc))), [None] * len(usrc)
-    weak = weak_values(graph)
-    for node in graph.nodes:
-        u, pos = n_in + node.id, followed_operand(graph, node, weak)
+    for node, pos in zip(graph.nodes, followed_operands(graph), strict=True):
+        u = n_in + node.id
         if pos is None:
             continue
         v = node.inputs[pos]
@@ -258,8 +256,11 @@ class MeshWork:
 
     def cost(self, f: int) -> np.ndarray:
         c = self.canon[f]
-        own = self.strategies[self.source[c]]
-        return np.array([own[k].cost for k in self.maps[c]])
+        key = ("cost", c)
+        if key not in self._terms:  # follow classes of one canonical class share it
+            own = self.strategies[self.source[c]]
+            self._terms[key] = np.array([own[k].cost for k in self.maps[c]])
+        return self._terms[key]
 
     def _operand(self, t: int):
         """(have, want, bytes, scale, key) of an operand term, per root strategy."""

@@ -12,7 +12,9 @@ step counter) is recorded as ties.
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,7 @@ class ValueInfo:
     dtype: Any
     name: str = ""
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
@@ -130,18 +132,55 @@ class OpGraph:
         return {v: n.id for n in self.nodes for v in n.outputs}
 
     def consumers(self) -> dict[int, list[tuple[int, int]]]:
-        """value id -> [(node id, operand position)]."""
-        out: dict[int, list[tuple[int, int]]] = {}
-        for n in self.nodes:
-            for pos, v in enumerate(n.inputs):
-                if isinstance(v, int):
-                    out.setdefault(v, []).append((n.id, pos))
-        return out
+        """value id -> [(node id, operand position)]. Made once per graph and shared:
+        read it, do not change it."""
+        return _consumers(self)
 
     def shape(self, ref: int | Lit) -> tuple[int, ...]:
         return ref.shape if isinstance(ref, Lit) else self.values[ref].shape
 
 
+_PER_GRAPH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def per_graph(fn):
+    """Decorator: fn(graph) computed once per graph (graphs are immutable) and kept
+    while the graph lives. The result is shared between callers: read it, do not
+    change it.
+
+    Args:
+      fn: a pure function of one OpGraph.
+
+    Returns:
+      fn, cached per graph.
+
+    Example:
+      >>> @per_graph
+      ... def node_count(graph):
+      ...     return len(graph.nodes)
+    """
+
+    @functools.wraps(fn)
+    def cached(graph):
+        memo = _PER_GRAPH.setdefault(graph, {})
+        if fn not in memo:
+            memo[fn] = fn(graph)
+        return memo[fn]
+
+    return cached
+
+
+@per_graph
+def _consumers(graph: OpGraph) -> dict[int, list[tuple[int, int]]]:
+    out: dict[int, list[tuple[int, int]]] = {}
+    for n in graph.nodes:
+        for pos, v in enumerate(n.inputs):
+            if isinstance(v, int):
+                out.setdefault(v, []).append((n.id, pos))
+    return out
+
+
+@per_graph
 def feeds_contraction(graph: OpGraph) -> tuple[bool, ...]:
     """Per node: does any matmul/convolution depend on its results? Collectives of
     nodes that feed none (gradients on their way to the optimizer, the loss) are

@@ -75,4 +75,13 @@ def is_key_dtype(dtype: Any) -> bool:
 
 def value_dtype(dtype: Any) -> Any:
     """A numpy dtype, or the jax key dtype itself (it has `itemsize` and `str`)."""
-    return dtype if is_key_dtype(dtype) else np.dtype(dtype)
+    try:
+        return _VALUE_DTYPES[dtype]  # every value of a step asks: a few dtypes in all
+    except KeyError:
+        out = _VALUE_DTYPES[dtype] = dtype if is_key_dtype(dtype) else np.dtype(dtype)
+        return out
+    except TypeError:  # unhashable
+        return dtype if is_key_dtype(dtype) else np.dtype(dtype)
+
+
+_VALUE_DTYPES: dict = {}

@@ -145,6 +145,11 @@ def structure(g: OpGraph, donated: frozenset[int]):
 _HALF = frozenset({"bfloat16", "float16"})
 
 
+def _ways(spec, mesh) -> int:
+    """Devices a value laid out as spec is split over (`per_device_bytes`' divisor)."""
+    return mesh.group([a for axes in spec for a in axes])
+
+
 def held_scale(graph: OpGraph, half_as_f32: bool) -> np.ndarray:
     """Per value, the factor from its dtype's bytes to the bytes it occupies: 2 for a
     bfloat16/float16 intermediate when the compiler keeps those as float32 (XLA's
@@ -198,8 +203,11 @@ class Liveness:
     def value_bytes(self, specs) -> np.ndarray:
         """Per-device bytes of every value under specs (one per value)."""
         g, mesh = self.problem.graph, self.problem.mesh
+        ways: dict = {}  # per spec, the devices it splits over (copies repeat specs)
         nbytes = [
-            per_device_bytes(v.nbytes, s, mesh) if s is not None else v.nbytes
+            v.nbytes
+            if s is None
+            else v.nbytes / (ways.get(s) or ways.setdefault(s, _ways(s, mesh)))
             for v, s in zip(g.values, specs, strict=True)
         ]
         return np.array(nbytes) * self.scale
@@ -248,8 +256,10 @@ class Liveness:
         return np.cumsum(delta)[: len(self.order)]
 
     def report(self, specs, operand_specs=None) -> dict[str, float]:
-        args, live = self.profile(specs, operand_specs)
         b = self.value_bytes(specs)
+        args, live = float(b[list(self.args)].sum()), self.live_bytes(b)
+        if operand_specs is not None:
+            live = live + self.transients(specs, operand_specs)
         peak = float(live.max(initial=0.0))
         outs = float(b[list(self.outputs)].sum()) if self.outputs else 0.0
         return {"arguments": args, "outputs": outs, "activations_peak": peak, "total": args + peak}

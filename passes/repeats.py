@@ -59,6 +59,14 @@ def unit_colours(graph: OpGraph, rounds: int = REFINE_ROUNDS) -> list[int]:
     """Per unit (step inputs, then constants, then operations, as `Problem` numbers
     them), a colour shared by the copies of that input or operation in other layers.
 
+    Each round, an operation's colour mixes its last colour, its operands' colours in
+    order (a literal by its shape; an operation's result by that operation's colour
+    and the output index, none before the first round) and the multiset of (reader's
+    colour, operand position) of its results; an input's mixes its last colour with
+    the multiset of its readers' new colours. Colours are 64-bit hashes, ordered
+    tuples as chained mixes and multisets as wrapping sums of mixes, so a round is a
+    few array operations, not a pass over every operation.
+
     Args:
       graph: the operation graph.
       rounds: refinement rounds (hops of context that must agree).
@@ -69,57 +77,143 @@ def unit_colours(graph: OpGraph, rounds: int = REFINE_ROUNDS) -> list[int]:
     Example:
       >>> colours = unit_colours(graph)  # doctest: +SKIP
     """
-    val = [0] * len(graph.values)
-    for v in graph.inputs:
-        info = graph.values[v]
-        val[v] = hash(("in", _LAYER_INDEX.sub("#", info.name), info.shape, str(info.dtype)))
-    for v, _ in graph.consts:
-        val[v] = hash(("const", graph.values[v].shape, str(graph.values[v].dtype)))
-    node = [_own_colour(graph, n) for n in graph.nodes]
-    consumers = graph.consumers()
-    sources = [*graph.inputs, *(v for v, _ in graph.consts)]
-    # the wiring, read once: operands (a literal by its shape), readers, outputs
-    lits = [tuple(r.shape if isinstance(r, Lit) else None for r in n.inputs) for n in graph.nodes]
-    reads = [[(c, p) for v in n.outputs for c, p in consumers.get(v, ())] for n in graph.nodes]
-    src_reads = [consumers.get(v, []) for v in sources]
+    w = _Wiring(graph)
+    src = np.array(w.src0, dtype=np.int64).view(np.uint64)
+    own = _Own()
+    node = np.array([own(graph, n) for n in graph.nodes], dtype=np.int64).view(np.uint64)
+    n_src = len(src)
+    val = np.zeros(len(graph.values), dtype=np.uint64)
+    val[w.src_values] = src
     for _ in range(rounds):  # each round reads the last round's colours only
-        node = [
-            hash(
-                (
-                    node[n.id],
-                    tuple(
-                        val[r] if lit is None else lit
-                        for r, lit in zip(n.inputs, lits[n.id], strict=True)
-                    ),
-                    tuple(sorted((node[c], p) for c, p in reads[n.id])),
-                )
-            )
-            for n in graph.nodes
+        operand = np.where(w.op_val >= 0, val[w.op_val], w.op_lit)
+        ins = _sum(len(node), w.op_node, _mix(operand + w.op_salt))
+        reads = _sum(len(node), w.rd_owner, _mix(node[w.rd_node] + w.rd_salt))
+        node = _mix(_mix(_mix(node ^ _NODE) + ins) + reads)
+        reads = _sum(n_src, w.srd_owner, _mix(node[w.srd_node] + w.srd_salt))
+        src = _mix(_mix(src ^ _SOURCE) + reads)
+        val[w.out_values] = _mix(node[w.out_node] + w.out_salt)
+        val[w.src_values] = src
+    return [*src.tolist(), *node.tolist()]
+
+
+# Odd 64-bit constants that keep the parts of a colour apart before mixing.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_NODE = np.uint64(0x243F6A8885A308D3)
+_SOURCE = np.uint64(0x13198A2E03707344)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise (uint64 arithmetic wraps)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _sum(n: int, owner: np.ndarray, terms: np.ndarray) -> np.ndarray:
+    out = np.zeros(n, dtype=np.uint64)
+    np.add.at(out, owner, terms)
+    return out
+
+
+def _salt(k) -> np.ndarray:
+    """A distinct offset per position (operand, output) in a tuple."""
+    return (np.asarray(k, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
+
+
+class _Wiring:
+    """The graph's wiring as flat index arrays: operands (op_*), reads of operations'
+    results (rd_*) and of inputs' (srd_*), operations' results (out_*)."""
+
+    def __init__(self, graph: OpGraph):
+        sources = [*graph.inputs, *(v for v, _ in graph.consts)]
+        self.src_values = np.array(sources, dtype=np.int64)
+        self.src0 = [
+            hash(("in", _LAYER_INDEX.sub("#", graph.values[v].name), *_what(graph.values[v])))
+            for v in graph.inputs
         ]
-        src = [
-            hash((val[v], tuple(sorted((node[c], p) for c, p in rs))))
-            for v, rs in zip(sources, src_reads, strict=True)
-        ]
+        self.src0 += [hash(("const", *_what(graph.values[v]))) for v, _ in graph.consts]
+        owner = {v: (-1 - i) for i, v in enumerate(sources)}  # a source: -1 - its index
+        out_node, out_k, out_values = [], [], []
         for n in graph.nodes:
             for k, o in enumerate(n.outputs):
-                val[o] = hash((node[n.id], k))
-        for v, c in zip(sources, src, strict=True):
-            val[v] = c
-    return [*(val[v] for v in sources), *node]
+                owner[o] = n.id
+                out_node.append(n.id)
+                out_k.append(k)
+                out_values.append(o)
+        self.out_node = np.array(out_node, dtype=np.int64)
+        self.out_values = np.array(out_values, dtype=np.int64)
+        self.out_salt = _salt(out_k)
+        op_node, op_pos, op_val, op_lit, rd = [], [], [], [], []
+        for n in graph.nodes:
+            for pos, r in enumerate(n.inputs):
+                op_node.append(n.id)
+                op_pos.append(pos)
+                lit = isinstance(r, Lit)
+                op_val.append(-1 if lit else r)
+                op_lit.append(hash(("lit", r.shape)) if lit else 0)
+                if not lit and r in owner:
+                    rd.append((owner[r], n.id, pos))
+        self.op_node = np.array(op_node, dtype=np.int64)
+        self.op_val = np.array(op_val, dtype=np.int64)
+        self.op_lit = np.array(op_lit, dtype=np.int64).view(np.uint64)
+        self.op_salt = _salt(op_pos)
+        rd_n = [x for x in rd if x[0] >= 0]
+        rd_s = [(-1 - o, c, p) for o, c, p in rd if o < 0]
+        self.rd_owner, self.rd_node, self.rd_salt = _columns(rd_n)
+        self.srd_owner, self.srd_node, self.srd_salt = _columns(rd_s)
 
 
-def _own_colour(graph: OpGraph, n) -> int:
-    """What an operation is, apart from where it sits."""
-    return hash(
-        (
-            n.name,
-            n.weight,
-            _param_sig(n.params),
-            tuple(graph.shape(r) for r in n.inputs),
-            tuple((graph.values[o].shape, str(graph.values[o].dtype)) for o in n.outputs),
-            tuple(repr(r.value) for r in n.inputs if isinstance(r, Lit)),
+def _columns(rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(owner, reader, salt of the operand position) arrays of (owner, reader, pos)."""
+    a = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    return a[:, 0], a[:, 1], _salt(a[:, 2])
+
+
+def _what(info) -> tuple:
+    return info.shape, str(info.dtype)
+
+
+class _Own:
+    """What an operation is, apart from where it sits, as a hash; the readable forms of
+    dtypes and literal values (slow to make) are made once per distinct one."""
+
+    def __init__(self):
+        self._dtypes: dict = {}
+        self._lits: dict = {}
+
+    def dtype(self, dtype) -> str:
+        try:
+            s = self._dtypes.get(dtype)
+        except TypeError:  # an unhashable dtype: no memo
+            return str(dtype)
+        if s is None:
+            s = self._dtypes[dtype] = str(dtype)
+        return s
+
+    def lit(self, value) -> str:
+        if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+            return repr(value)
+        key = (type(value), value.dtype, value.shape, getattr(value, "weak_type", None))
+        key = (*key, value.tobytes())
+        s = self._lits.get(key)
+        if s is None:
+            s = self._lits[key] = repr(value)
+        return s
+
+    def __call__(self, graph: OpGraph, n) -> int:
+        values = graph.values
+        return hash(
+            (
+                n.name,
+                n.weight,
+                _param_sig(n.params),
+                tuple(graph.shape(r) for r in n.inputs),
+                tuple((values[o].shape, self.dtype(values[o].dtype)) for o in n.outputs),
+                tuple(self.lit(r.value) for r in n.inputs if isinstance(r, Lit)),
+            )
         )
-    )
 
 
 @dataclass(frozen=True)

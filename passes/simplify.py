@@ -20,7 +20,7 @@ from autoshard.cost_model import collectives as coll
 from autoshard.cost_model.hardware import Hardware, MeshDesc
 from autoshard.cost_model.ilp import Edge, SharedCost, SolverRequest, Tie
 from autoshard.cost_model.resharding import reshard
-from autoshard.passes.graph import Lit, OpGraph
+from autoshard.passes.graph import Lit, OpGraph, per_graph
 from autoshard.passes.rules.families import CONTRACTIONS, DECISIONS, ELEMENTWISE
 from autoshard.passes.strategies import Strategy
 
@@ -72,7 +72,8 @@ def followed_operand(graph: OpGraph, node, weak: set[int]) -> int | None:
     return None
 
 
-def weak_values(graph: OpGraph) -> set[int]:
+@per_graph
+def weak_values(graph: OpGraph) -> frozenset[int]:
     """Values made by a broadcast, or from constants and iotas alone."""
     const = {v for v, _ in graph.consts}
     weak = set()
@@ -82,7 +83,14 @@ def weak_values(graph: OpGraph) -> set[int]:
             const.update(n.outputs)
         if n.name == "broadcast_in_dim" or all(r in const for r in arrays):
             weak.update(n.outputs)
-    return weak
+    return frozenset(weak)
+
+
+@per_graph
+def followed_operands(graph: OpGraph) -> tuple[int | None, ...]:
+    """Per node, `followed_operand` (which does not depend on the mesh)."""
+    weak = weak_values(graph)
+    return tuple(followed_operand(graph, node, weak) for node in graph.nodes)
 
 
 def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Problem:
@@ -96,11 +104,10 @@ def merge_followers(graph: OpGraph, units, mesh: MeshDesc, hw: Hardware) -> Prob
     follow = [own.setdefault(id(s), np.arange(len(s))) for s in units]
     followed = [None] * len(units)
     rtime = reshard_time(mesh, hw)
-    weak = weak_values(graph)
     best = FollowCache(rtime)
     maps: dict = {}  # copies of a chain repeat the same map: computed once per signature
-    for node in graph.nodes:
-        u, pos = n_in + node.id, followed_operand(graph, node, weak)
+    for node, pos in zip(graph.nodes, followed_operands(graph), strict=True):
+        u = n_in + node.id
         if pos is None:
             continue
         v = node.inputs[pos]

@@ -26,6 +26,7 @@ from autoshard.cost_model.memory import live_sets
 from autoshard.mesh import candidate_meshes
 from autoshard.mesh_plan import operand_specs, value_specs
 from autoshard.models import gpt, mlp
+from autoshard.passes import repeats
 from autoshard.passes.classes import class_problem, on_mesh, skeleton
 from autoshard.passes.graph import Lit, build_graph
 from autoshard.passes.liveness import hold_loop_buffers, in_place_operands, materialized
@@ -50,6 +51,46 @@ def test_copies_of_a_layer_share_a_colour_and_different_weights_do_not(gpt4_grap
     k = [c for p, c in by_path.items() if "attn']['k']['kernel" in p and "params" in p]
     assert len(q) == 4 and len(set(q[1:3])) == 1  # the middle layers' copies match
     assert not set(q) & set(k)  # q and k projections never share
+
+
+def _refined(g, rounds):
+    """Colour refinement spelled out with tuples (what `unit_colours` computes with
+    array hashes): an operation's colour, its operands' in order, its readers'."""
+    consumers, own = g.consumers(), repeats._Own()
+    sources = [*g.inputs, *(v for v, _ in g.consts)]
+    val = dict.fromkeys(range(len(g.values)), 0)
+    val.update(zip(sources, repeats._Wiring(g).src0, strict=True))
+    node = [own(g, n) for n in g.nodes]
+    reads = [sorted(consumers.get(v, ())) for v in range(len(g.values))]
+    for _ in range(rounds):
+        node = [
+            hash(
+                (
+                    node[n.id],
+                    tuple(("lit", r.shape) if isinstance(r, Lit) else val[r] for r in n.inputs),
+                    tuple(sorted((node[c], p) for o in n.outputs for c, p in reads[o])),
+                )
+            )
+            for n in g.nodes
+        ]
+        for v in sources:
+            val[v] = hash((val[v], tuple(sorted((node[c], p) for c, p in reads[v]))))
+        val.update({o: (node[n.id], k) for n in g.nodes for k, o in enumerate(n.outputs)})
+    return [*(val[v] for v in sources), *node]
+
+
+def _partition(colours):
+    first: dict = {}
+    return [first.setdefault(c, i) for i, c in enumerate(colours)]
+
+
+@pytest.mark.parametrize("rounds", [1, 3, repeats.REFINE_ROUNDS])
+def test_array_colour_refinement_finds_the_classes_of_the_tuple_one(gpt4_graph, rounds):
+    g = gpt4_graph
+    want = _partition(_refined(g, rounds))
+    assert _partition(unit_colours(g, rounds)) == want
+    assert len(set(want)) < len(want)  # copies exist, and not everything is one class
+    assert len(set(want)) > len(set(_partition(_refined(g, 0))))
 
 
 def test_collapsed_plan_matches_the_full_ilp_and_is_smaller(gpt4_graph):
