@@ -222,6 +222,32 @@ class Liveness:
         """Ids of the intermediates alive after step, in increasing order."""
         return np.flatnonzero((self.first <= step) & (self.last >= step))
 
+    def alive_at(self, step: int, specs) -> list[tuple[float, str, str]]:
+        """What occupies memory after step: (per-device bytes, kind, what), largest
+        first. Kinds: "parameters", "optimizer state", "other arguments" (named by
+        path) and "intermediates" (named by the operation that makes them)."""
+        g = self.problem.graph
+        b = self.value_bytes(specs)
+        live = self.live_at(step)
+        producer = g.producer()
+        out = []
+        for v in [*self.args, *live.tolist()]:
+            info = g.values[v]
+            if v in producer:
+                kind = "intermediates"
+                what = f"{g.nodes[producer[v]].name} {list(info.shape)} {info.dtype}"
+            else:
+                kind = (
+                    "optimizer state"
+                    if "opt_state" in info.name
+                    else "parameters"
+                    if "params" in info.name
+                    else "other arguments"
+                )
+                what = info.name
+            out.append((float(b[v]), kind, what))
+        return sorted(out, key=lambda x: -x[0])
+
     def transients(self, specs, operand_specs) -> np.ndarray:
         """Bytes of resharded copies alive after each step. XLA reshards a value once
         per target layout and reuses the copy, so a copy lives from its first reader to
