@@ -172,6 +172,26 @@ def live_bytes(first: np.ndarray, last: np.ndarray, b: np.ndarray, steps: int) -
     return np.cumsum(delta)[:n]
 
 
+def _witnesses(w, first, last, producer) -> tuple:
+    """Linear forms that are 1 when a reader in first (node, wanted spec per strategy;
+    node None: always) and one in last want layout w and the producer (its node, and
+    minus 1 for each strategy that makes w) does not make it."""
+    out = {}
+    for na, wa in first:
+        ia = None if na is None else np.array([x == w for x in wa], float)
+        for nb, wb in last:
+            ib = np.array([x == w for x in wb], float)
+            if not (ib.any() and (ia is None or ia.any())):
+                continue
+            pairs = [(nb, ib), producer] + ([] if na is None else [(na, ia)])
+            terms: dict[int, np.ndarray] = {}
+            for n, c in pairs:
+                terms[n] = terms[n] + c if n in terms else c
+            form = (tuple(sorted(terms.items())), 0.0 if na is None else -1.0)
+            out.setdefault(witness_key(*form), form)
+    return tuple(out.values())
+
+
 class Liveness:
     """Which values are alive at each point of the step, for one problem.
 
@@ -360,22 +380,10 @@ class Liveness:
             has = np.array([s == w for s in made], float)
             if has.all():
                 continue
-            witnesses = {}
-            for na, wa in first:
-                ia = None if na is None else np.array([x == w for x in wa], float)
-                for nb, wb in last:
-                    ib = np.array([x == w for x in wb], float)
-                    if not (ib.any() and (ia is None or ia.any())):
-                        continue
-                    pairs = [(nb, ib), (node, -has)] + ([] if na is None else [(na, ia)])
-                    terms: dict[int, np.ndarray] = {}
-                    for n, c in pairs:
-                        terms[n] = terms[n] + c if n in terms else c
-                    form = (tuple(sorted(terms.items())), 0.0 if na is None else -1.0)
-                    witnesses.setdefault(witness_key(*form), form)
+            witnesses = _witnesses(w, first, last, (node, -has))
             if witnesses:
                 nbytes = per_device_bytes(p.graph.values[r].nbytes, w, p.mesh)
-                out.append(Copy(nbytes, tuple(witnesses.values())))
+                out.append(Copy(nbytes, witnesses))
         return out
 
     def _bytes_per_choice(self, v: int, root: int) -> np.ndarray:
