@@ -74,10 +74,11 @@ def _form(terms: Terms, const: float, choice) -> float:
 class Copy:
     """A resharded copy (a gathered parameter, say): nbytes per device, alive when
     any witness is positive. A witness is a linear form over the choices (`Terms`, and
-    a constant) that is 1 when the copy exists at the row's point (a reader before it
-    and one after it both want the layout, and the producer does not already have it)
-    and at most 0 otherwise. In the ILP each copy is a variable in [0, 1] at least
-    every witness, so the rows count it exactly at integral choices."""
+    a constant) that is 1 when the copy exists at the row's point (a reader before it,
+    or the step's start for a copy of a step argument, and one after it both want the
+    layout, and the producer does not already have it) and at most 0 otherwise. In the
+    ILP each copy is a variable in [0, 1] at least every witness, so the rows count it
+    exactly at integral choices."""
 
     nbytes: float
     witnesses: tuple[tuple[Terms, float], ...]

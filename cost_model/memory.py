@@ -11,6 +11,7 @@ def live_sets(
     keep: set[int],
     materialized: set[int] | None = None,
     reuse: Sequence[int | None] | None = None,
+    held: set[int] | None = None,
 ) -> list[list[int]]:
     """Per operation, walking them in order, the intermediate values alive once it has
     made its results (its operands still alive).
@@ -24,11 +25,14 @@ def live_sets(
       reuse: per operation, an operand whose buffer its result may take over when
         this operation is its last reader (XLA writes elementwise results and scatters
         in place), or None.
+      held: values in buffers of their own for the whole step, alive from the first
+        operation (the step's outputs: XLA allocates them apart from the
+        temporaries); an operand whose buffer one of them takes over lives in it.
 
     A value lives from the operation that makes it to its last reader. Values no
     operation makes (step arguments) are not listed: they are counted as arguments.
     """
-    spans = live_intervals(produced, consumed, keep, materialized, reuse)
+    spans = live_intervals(produced, consumed, keep, materialized, reuse, held)
     out: list[list[int]] = [[] for _ in produced]
     for v in sorted(spans):
         first, last = spans[v]
@@ -43,10 +47,12 @@ def live_intervals(
     keep: set[int],
     materialized: set[int] | None = None,
     reuse: Sequence[int | None] | None = None,
+    held: set[int] | None = None,
 ) -> dict[int, tuple[int, int]]:
     """The same walk as `live_sets`, kept as one (first, last) operation per value that
     is ever alive: a value is made once and dies once, so it is alive at exactly the
     operations first..last. Linear in the number of values (the sets are not)."""
+    held = held or set()
     last = {}
     for i, vs in enumerate(consumed):
         for v in vs:
@@ -58,7 +64,8 @@ def live_intervals(
         r = reuse[i] if reuse is not None else None
         if r is not None and last.get(r) == i and r not in keep and r in live:
             live.discard(r)  # the result is written into r's buffer
-            spans[r] = (first[r], i - 1)
+            if not held.intersection(made):  # else r lived in the held result's buffer
+                spans[r] = (first[r], i - 1)
         for v in made:
             if (materialized is None or v in materialized) and v not in live:
                 live.add(v)
@@ -70,6 +77,8 @@ def live_intervals(
         live -= dead
     for v in live:
         spans[v] = (first[v], len(produced) - 1)
+    for v in held.intersection(spans):
+        spans[v] = (0, spans[v][1])
     return spans
 
 

@@ -3,8 +3,10 @@
 The step's operations are ordered depth-first from its outputs (each result made
 right before its first reader, as XLA's memory-minimising scheduler does), and only
 values XLA keeps in memory count (see `materialized`). At each operation the live
-bytes are the arguments, the live intermediates, and the outputs made so far that do
-not reuse a donated argument's buffer. All of these are sums of per-value bytes, and
+bytes are the arguments, the live intermediates, the resharded copies, and the step's
+outputs that do not reuse a donated argument's buffer (all of them from the first
+operation: XLA allocates outputs apart from the temporaries, for the whole step).
+All of these are sums of per-value bytes, and
 a value's bytes are fixed by its root unit's strategy: so each point's bytes are a
 linear function of the ILP's choices (a `MemoryRow`).
 """
@@ -117,7 +119,9 @@ _KEEP_STRUCTURES = 4
 
 def structure(g: OpGraph, donated: frozenset[int]):
     """(outputs that are not donated, operation order, per value the first and last
-    step it is alive, -1 and -2 for a value never alive in between)."""
+    step it is alive, -1 and -2 for a value never alive in between). The outputs are
+    alive from the first step: XLA gives each its own buffer, apart from the
+    temporaries, for the whole step."""
     for graph, don, found in _STRUCTURES:
         if graph is g and don == donated:
             return found
@@ -130,7 +134,7 @@ def structure(g: OpGraph, donated: frozenset[int]):
     made, read = [list(produced[i]) for i in order], [list(consumed[i]) for i in order]
     hold_loop_buffers(g, order, made, read)
     reuse = in_place_operands(g, keep)
-    spans = live_intervals(made, read, outs, keep, [reuse[i] for i in order])
+    spans = live_intervals(made, read, outs, keep, [reuse[i] for i in order], outs)
     first = np.full(len(g.values), -1, dtype=np.int64)
     last = np.full(len(g.values), -2, dtype=np.int64)
     if spans:
@@ -173,6 +177,26 @@ def live_bytes(first: np.ndarray, last: np.ndarray, b: np.ndarray, steps: int) -
     return np.cumsum(delta)[:n]
 
 
+def _witnesses(w, first, last, producer) -> tuple:
+    """Linear forms that are 1 when a reader in first (node, wanted spec per strategy;
+    node None: always) and one in last want layout w and the producer (its node, and
+    minus 1 for each strategy that makes w) does not make it."""
+    out = {}
+    for na, wa in first:
+        ia = None if na is None else np.array([x == w for x in wa], float)
+        for nb, wb in last:
+            ib = np.array([x == w for x in wb], float)
+            if not (ib.any() and (ia is None or ia.any())):
+                continue
+            pairs = [(nb, ib), producer] + ([] if na is None else [(na, ia)])
+            terms: dict[int, np.ndarray] = {}
+            for n, c in pairs:
+                terms[n] = terms[n] + c if n in terms else c
+            form = (tuple(sorted(terms.items())), 0.0 if na is None else -1.0)
+            out.setdefault(witness_key(*form), form)
+    return tuple(out.values())
+
+
 class Liveness:
     """Which values are alive at each point of the step, for one problem.
 
@@ -192,6 +216,10 @@ class Liveness:
         self.args = tuple(problem.graph.inputs)
         self.outputs, self.order, (self.first, self.last) = structure(problem.graph, donated)
         self.steps = len(self.order)
+        # the first step each resharded copy can be made: XLA's scheduler runs a
+        # collective on a step argument at the start of the step (`transients`)
+        self.made = np.full(len(problem.graph.values), -1, dtype=np.int64)
+        self.made[list(self.args)] = 0
         self.scale = held_scale(problem.graph, problem.hw.half_as_f32)
         # half-precision arguments, which such a compiler converts for its matmuls
         self._half_args = {
@@ -230,13 +258,42 @@ class Liveness:
         """Ids of the intermediates alive after step, in increasing order."""
         return np.flatnonzero((self.first <= step) & (self.last >= step))
 
+    def alive_at(self, step: int, specs) -> list[tuple[float, str, str]]:
+        """What occupies memory after step: (per-device bytes, kind, what), largest
+        first. Kinds: "parameters", "optimizer state", "other arguments" (named by
+        path) and "intermediates" (named by the operation that makes them)."""
+        g = self.problem.graph
+        b = self.value_bytes(specs)
+        live = self.live_at(step)
+        producer = g.producer()
+        out = []
+        for v in [*self.args, *live.tolist()]:
+            info = g.values[v]
+            if v in producer:
+                kind = "intermediates"
+                what = f"{g.nodes[producer[v]].name} {list(info.shape)} {info.dtype}"
+            else:
+                kind = (
+                    "optimizer state"
+                    if "opt_state" in info.name
+                    else "parameters"
+                    if "params" in info.name
+                    else "other arguments"
+                )
+                what = info.name
+            out.append((float(b[v]), kind, what))
+        return sorted(out, key=lambda x: -x[0])
+
     def transients(self, specs, operand_specs) -> np.ndarray:
         """Bytes of resharded copies alive after each step. XLA reshards a value once
         per target layout and reuses the copy, so a copy lives from its first reader to
         its last (a parameter gathered for the forward matmul stays for the backward).
-        Where the compiler computes half-precision matmuls in f32 (`half_as_f32`), a
-        bf16/f16 argument a matmul reads is converted once, and its f32 copy lives
-        the same way."""
+        A copy of a step argument is made at the start of the step: XLA's scheduler
+        runs a collective whose operand is a parameter first (on the CPU backend a
+        breadth-first order), so a parameter gathered only for the backward matmul is
+        alive through the forward pass. Where the compiler computes half-precision
+        matmuls in f32 (`half_as_f32`), a bf16/f16 argument a matmul reads is converted
+        once, and its f32 copy lives the same way."""
         g, mesh = self.problem.graph, self.problem.mesh
         span: dict[tuple, list[int]] = {}
         for step, op in enumerate(self.order):
@@ -251,7 +308,8 @@ class Liveness:
         delta = np.zeros(len(self.order) + 1)
         for (r, want, factor), steps in span.items():
             nbytes = factor * per_device_bytes(g.values[r].nbytes, want, mesh)
-            delta[min(steps)] += nbytes
+            start = min(steps) if self.made[r] < 0 else min(steps[0], int(self.made[r]))
+            delta[start] += nbytes
             delta[max(steps) + 1] -= nbytes
         return np.cumsum(delta)[: len(self.order)]
 
@@ -283,16 +341,19 @@ class Liveness:
     def copies_at(self, step: int, node_of_root: dict[int, int]) -> list[Copy]:
         """The resharded copies that may be alive after step, as functions of the
         choices (`transients` gives their bytes for one plan). A copy of value r in
-        layout w exists from its first reader that wants w to its last one, unless r is
-        made in w: so it is alive at step when a reader at or before step and one at
-        or after it both want w and r's producer does not make w."""
+        layout w exists from its first reader that wants w (from the step's start if r
+        is a step argument) to its last one, unless r is made in w: so it is alive at
+        step when a reader at or before step (or none, for an argument) and one at or
+        after it both want w and r's producer does not make w."""
         reads, values, steps = self._readers()
         nodes = tuple(node_of_root.values())
         out = []
         for i in np.flatnonzero((steps[:, 0] <= step) & (steps[:, 1] >= step)).tolist():
             r, at = int(values[i]), reads[int(values[i])][0]
-            # the readers at or before step, and the first one at or after it
-            split = (r, int(np.searchsorted(at, step, "right")), int(np.searchsorted(at, step)))
+            # the readers at or before step (none counted for an argument), and the
+            # first one at or after it
+            before = int(np.searchsorted(at, step, "right")) if self.made[r] < 0 else -1
+            split = (r, before, int(np.searchsorted(at, step)))
             key = (split, nodes)
             if key not in self._copy_cache:
                 self._copy_cache[key] = self._copies(*split, node_of_root)
@@ -300,7 +361,8 @@ class Liveness:
         return out
 
     def _copies(self, r: int, before: int, after: int, node_of_root) -> list[Copy]:
-        """Copies of value r alive between its readers [:before] and [after:]."""
+        """Copies of value r alive between its readers [:before] (before < 0: from the
+        step's start) and [after:]."""
         p = self.problem
         if r not in p.value_src:
             return []
@@ -317,29 +379,21 @@ class Liveness:
                 out[node_of_root[p.root_of[u]], id(w)] = (node_of_root[p.root_of[u]], w)
             return list(out.values())
 
-        first, last = wants(readers[:before]), wants(readers[after:])
-        wanted = {w for _, ws in first for w in ws if w is not None}
-        wanted &= {w for _, ws in last for w in ws if w is not None}
+        last = wants(readers[after:])
+        wanted = {w for _, ws in last for w in ws if w is not None}
+        # from the start: one reader that wants every layout, always
+        first = wants(readers[:before]) if before >= 0 else [(None, None)]
+        if before >= 0:
+            wanted &= {w for _, ws in first for w in ws if w is not None}
         out = []
         for w in wanted:
             has = np.array([s == w for s in made], float)
             if has.all():
                 continue
-            witnesses = {}
-            for na, wa in first:
-                for nb, wb in last:
-                    ia = np.array([x == w for x in wa], float)
-                    ib = np.array([x == w for x in wb], float)
-                    if not (ia.any() and ib.any()):
-                        continue
-                    terms: dict[int, np.ndarray] = {}
-                    for n, c in ((na, ia), (nb, ib), (node, -has)):
-                        terms[n] = terms[n] + c if n in terms else c
-                    form = (tuple(sorted(terms.items())), -1.0)
-                    witnesses.setdefault(witness_key(*form), form)
+            witnesses = _witnesses(w, first, last, (node, -has))
             if witnesses:
                 nbytes = per_device_bytes(p.graph.values[r].nbytes, w, p.mesh)
-                out.append(Copy(nbytes, tuple(witnesses.values())))
+                out.append(Copy(nbytes, witnesses))
         return out
 
     def _bytes_per_choice(self, v: int, root: int) -> np.ndarray:
@@ -389,8 +443,8 @@ class Liveness:
 
     def _readers(self):
         """(per value an operation reads: its readers' steps, and its readers as
-        (operation, operand position), in step order; those values; their first and
-        last reader's step)."""
+        (operation, operand position), in step order; those values; the step each is
+        made (its first reader's, if earlier) and its last reader's step)."""
         if self._reads is None:
             g = self.problem.graph
             reads: dict[int, list] = {}
@@ -399,7 +453,13 @@ class Liveness:
                     if not isinstance(r, Lit):
                         reads.setdefault(r, []).append((step, op, pos))
             values = np.fromiter(reads, dtype=np.int64, count=len(reads))
-            steps = np.array([(rs[0][0], rs[-1][0]) for rs in reads.values()], dtype=np.int64)
+            steps = np.array(
+                [
+                    (rs[0][0] if self.made[r] < 0 else min(rs[0][0], int(self.made[r])), rs[-1][0])
+                    for r, rs in reads.items()
+                ],
+                dtype=np.int64,
+            )
             table = {
                 r: (np.array([s for s, _, _ in rs]), [(op, pos) for _, op, pos in rs])
                 for r, rs in reads.items()

@@ -73,6 +73,7 @@ class ScannedLlama(llama.Llama):
         self.blocks = make(rngs)
         self.norm = llama.RMSNorm(config.d_model, config.norm_eps, dt)
         self.head = llama._linear(config.d_model, config.vocab, config, rngs)
+        self.loss_chunk = 0  # the loss reads the logits whole (llama.loss_fn)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)

@@ -301,7 +301,7 @@ def test_live_intervals_give_the_live_sets_bytes(gpt4_graph):
     hold_loop_buffers(g, live.order, made, read)
     keep = materialized(g)
     reuse = in_place_operands(g, keep)
-    sets = live_sets(made, read, live.outputs, keep, [reuse[i] for i in live.order])
+    sets = live_sets(made, read, live.outputs, keep, [reuse[i] for i in live.order], live.outputs)
     b = live.value_bytes(value_specs(mp.problem, mp.picks))
     assert np.any(b != live.value_bytes([None] * len(g.values)))  # the plan splits
     assert np.array_equal(live.live_bytes(b), [b[s].sum() for s in sets])

@@ -64,7 +64,9 @@ def test_bad_option_is_a_clear_error():
 def test_tight_budget_chooses_remat_and_fits_compiled(stack):
     s = stack
     ref = jax.jit(s.train_step)(s.state, s.batch)
-    kw = dict(mesh=(8,), hardware=CPU)
+    # the state donated: outputs of a step that is not are held whole (their own
+    # buffers), where XLA packs this tiny model's temporaries into them
+    kw = dict(mesh=(8,), hardware=CPU, donate_argnums=0)
     free = autoshard.parallelize(s.train_step, remat=None, **kw)
     without = free.plan(s.state, s.batch)
     budget = 0.6 * without.cost.memory["total"]
@@ -80,7 +82,8 @@ def test_tight_budget_chooses_remat_and_fits_compiled(stack):
     predicted, compiled = plan.cost.memory["total"], compiled_bytes(step, s.state, s.batch)
     assert compiled <= budget < compiled_bytes(free, s.state, s.batch)
     assert predicted == pytest.approx(compiled, rel=0.15), (predicted, compiled)
-    assert_close(step(s.state, s.batch), ref, ADAM_ATOL)
+    state = jax.tree.map(lambda x: x.copy(), s.state)  # donated: a copy
+    assert_close(step(state, s.batch), ref, ADAM_ATOL)
 
 
 def test_generous_budget_plans_without_remat(stack, tmp_path):
