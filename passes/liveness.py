@@ -407,32 +407,6 @@ class Liveness:
             )
         return self._cache[v]
 
-    def alive_at(self, step: int, specs) -> list[tuple[float, str, str]]:
-        """What occupies memory after step: (per-device bytes, kind, what), largest
-        first. Kinds: "parameters", "optimizer state", "other arguments" (named by
-        path) and "intermediates" (named by the operation that makes them)."""
-        g = self.problem.graph
-        b = self.value_bytes(specs)
-        live = self.live_at(step)
-        producer = g.producer()
-        out = []
-        for v in [*self.args, *live.tolist()]:
-            info = g.values[v]
-            if v in producer:
-                kind = "intermediates"
-                what = f"{g.nodes[producer[v]].name} {list(info.shape)} {info.dtype}"
-            else:
-                kind = (
-                    "optimizer state"
-                    if "opt_state" in info.name
-                    else "parameters"
-                    if "params" in info.name
-                    else "other arguments"
-                )
-                what = info.name
-            out.append((float(b[v]), kind, what))
-        return sorted(out, key=lambda x: -x[0])
-
     def _want(self, unit: int, pos: int) -> list:
         """Operand pos's spec of the operation of unit, per strategy of its root."""
         if (unit, pos) not in self._wants:
