@@ -261,9 +261,12 @@ class Parallelized:
         best, err, binds = None, None, bool(policies)
         variants = None
         if not forced:
-            if policies and self._beyond_budget(base):
+            beyond = self._beyond_budget(base)
+            if policies and beyond:
                 variants = list(self._remat_variants(call, base, policies, None))
-            if not variants:  # the floor binds on no remat form, or there is none
+            if not variants and beyond:  # no form of the step can fit: no search
+                err = _search.MemoryBudgetError(_remat.floor_message(base.ctx, _devices(base)))
+            elif not variants:  # the floor binds on no remat form, or there is none
                 try:
                     best, binds = self._solve(base, t0)
                 except _search.MemoryBudgetError as e:
@@ -300,8 +303,7 @@ class Parallelized:
     def _beyond_budget(self, var: _Variant) -> bool:
         """No plan of this form of the step fits the budget on any candidate mesh."""
         ctx = var.ctx
-        devices = max(math.prod(m.axis_sizes) for m in var.meshes)
-        floor = _remat.memory_floor(ctx.graph, ctx.donated, devices)
+        floor = _remat.memory_floor(ctx.graph, ctx.donated, _devices(var))
         if floor <= ctx.budget * (1 + _search.FIT_TOLERANCE):
             return False
         if self._progress is not None:
@@ -409,6 +411,12 @@ def _donated_leaves(traced, donate_argnums) -> frozenset[int]:
 
 def _is_p(x) -> bool:
     return isinstance(x, jax.sharding.PartitionSpec)
+
+
+
+def _devices(var: _Variant) -> int:
+    """The device count of the largest candidate mesh."""
+    return max(math.prod(m.axis_sizes) for m in var.meshes)
 
 
 def _flat_out_specs(plan: Plan):

@@ -113,6 +113,22 @@ def memory_floor(graph: OpGraph, donated: frozenset[int], devices: int) -> float
     return (args + peak) / devices
 
 
+def floor_message(ctx, devices: int) -> str:
+    """MemoryBudgetError's message when a step's `memory_floor` is above the budget
+    (ctx: the step's planning context, with its graph, donated leaves and budget):
+    no mesh needs to be searched."""
+    floor = memory_floor(ctx.graph, ctx.donated, devices)
+    return (
+        f"autoshard: no plan fits memory_budget={_size(ctx.budget)} per device on "
+        f"{devices} devices: the step needs at least {_size(floor)} per device on any "
+        f"mesh (its arguments and what is alive at its peak, all split {devices} ways). "
+        "Donate the training state (donate_argnums=0), put the layers under lax.scan or "
+        "nnx.scan so that remat can shrink what they save for the backward pass, raise "
+        "memory_budget (or Hardware(memory=...)), use more devices, or shrink the model or "
+        "batch."
+    )
+
+
 def text(r: RematChoice) -> str:
     """One summary line for a plan's remat choice."""
     n = len(r.layers)

@@ -9,7 +9,7 @@ from util import ADAM_ATOL, CPU, assert_close, assert_sharded, compiled_bytes
 
 import autoshard
 from autoshard import remat
-from autoshard.models import gpt_scan
+from autoshard.models import gpt, gpt_scan
 from autoshard.models import residual_stack as rs
 from autoshard.passes import remat as rewrite
 from autoshard.passes.graph import build_graph
@@ -143,3 +143,22 @@ def test_memory_floor_is_below_every_plan_and_skips_forms_that_cannot_fit(stack,
     step = autoshard.parallelize(s.train_step, memory_budget=budget, **kw)
     assert step.plan(s.state, s.batch).cost.time == plan.cost.time
     assert len(searched) == n_screened + 1  # the traced step, planned in vain
+
+
+def test_a_step_below_its_memory_floor_is_refused_without_a_search(monkeypatch):
+    """An unrolled step (nothing for remat to rewrite) whose memory floor on any mesh
+    of 8 is above the budget gets MemoryBudgetError naming the floor and the fixes,
+    and no mesh is searched."""
+    s = gpt.setup(gpt.GPTConfig(vocab=64, d_model=32, n_heads=4, n_layers=2, seq_len=8), 8)
+    floor = remat.memory_floor(build_graph(trace(s.train_step, (s.state, s.batch))), frozenset(), 8)
+
+    def no_search(*a, **k):
+        raise AssertionError("searched")
+
+    monkeypatch.setattr(autoshard.search, "search", no_search)
+    step = autoshard.parallelize(s.train_step, hardware=CPU, memory_budget=0.9 * floor)
+    with pytest.raises(autoshard.MemoryBudgetError) as err:
+        step.plan(s.state, s.batch)
+    msg = str(err.value)
+    assert f"needs at least {remat._size(floor)} per device" in msg
+    assert "on 8 devices" in msg and "donate_argnums=0" in msg and "lax.scan" in msg
