@@ -92,7 +92,7 @@ def solve_on_mesh(
     solved: the result has status "skipped" and the bound (inf when unknown); beat is
     also HiGHS's cutoff (`SolverRequest.cutoff`), so a mesh with no plan cheaper than
     it is "skipped" with it as bound (nan when the budget's cutting planes found no
-    plan that beats it in their time). Under a budget, a mesh whose memory floor
+    plan that beats it in their time). Without beat, under a budget, a mesh whose memory floor
     exceeds it is "infeasible". infos and skel (`op_infos`,
     `passes.classes.skeleton`) may be passed in when known. The plan's request is over
     its ILP nodes: one per class of copies."""
@@ -125,8 +125,9 @@ def solve_on_mesh(
             return replace(mp, result=skipped)
     live = Liveness(problem, donated)
     mp = replace(mp, liveness=live)
-    if budget is not None:
-        # a mesh no plan fits on is told apart without its ILP
+    if budget is not None and beat is None:
+        # until a plan is found, a mesh no plan fits on is told apart without its ILP
+        # (afterwards the cutoff ILP settles it, quicker than the screen's rounds)
         floor, least, points, rows_floor = excluded_by_memory(
             mp, budget, min(time_limit, LP_BOUND_TIME)
         )
