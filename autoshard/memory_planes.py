@@ -54,9 +54,21 @@ def _new_points(profile, points, args: float, limit: float) -> list[int]:
     return [t for t in over if t not in points][:MEMORY_POINTS]
 
 
+def _profile(live: Liveness, problem: Problem, picks):
+    """(argument bytes, live bytes after each step) of a plan, resharded copies
+    included."""
+    return live.profile(value_specs(problem, picks), operand_specs(problem, picks))
+
+
+def _over_at(live: Liveness, problem: Problem, picks, points, budget: float) -> list[int]:
+    """`_new_points` of a plan's profile."""
+    args, prof = _profile(live, problem, picks)
+    return _new_points(prof, points, args, budget)
+
+
 def _peak(live: Liveness, problem: Problem, picks) -> float:
     """Predicted per-device memory of a plan, resharded copies included."""
-    args, full = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
+    args, full = _profile(live, problem, picks)
     return args + float(full.max(initial=0.0))
 
 
@@ -76,11 +88,10 @@ def _within(
     node_of_root = mp.node_of_root
     replicated = decode(problem, [0] * len(problem.roots))
     points = list(mp.memory_points)
-    for picks in (over, replicated) if over is not None else (replicated,):
-        # where the plan without rows (or the replicated one) goes over
-        if not points or picks is over:
-            args, prof = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
-            points += _new_points(prof, points, args, budget)
+    if over is not None:  # where the plan without rows went over
+        points += _over_at(live, problem, over, points, budget)
+    if not points:  # or else where the replicated plan goes over
+        points = _over_at(live, problem, replicated, [], budget)
     floor = mp.rows_floor if mp.memory_points else 0.0  # no plan's rows go below
     target, low, high = budget, None, None  # low: a target found infeasible
     for _ in range(MEMORY_ROUNDS):
@@ -111,7 +122,7 @@ def _within(
             if high - low <= MEMORY_TARGET_GAP * budget:
                 break  # rows that fit are not tighter than this for any plan
             continue
-        args, full = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
+        args, full = _profile(live, problem, picks)
         if args + full.max() <= budget * (1 + FIT_TOLERANCE):
             return result, picks, req
         new = _new_points(full, points, args, target)
@@ -191,8 +202,7 @@ def excluded_by_memory(mp: MeshPlan, budget: float, time_limit: float):
             return floor, best, tuple(points), floor
         if peak <= budget * (1 + FIT_TOLERANCE) or time.perf_counter() >= deadline:
             return None, best, tuple(points), floor
-        args, prof = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
-        new = _new_points(prof, points, args, budget)
+        new = _over_at(live, problem, picks, points, budget)
         if not new:  # over only by what rows do not see (half-precision copies)
             return None, best, tuple(points), floor
         rounds = (tuple(points), floor)
@@ -207,8 +217,7 @@ def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
     known narrow it down."""
     problem, live = mp.problem, mp.liveness
     node_of_root = mp.node_of_root
-    args, prof = live.profile(value_specs(problem, mp.picks))
-    points = _new_points(prof, [], args, 0.0)
+    points = _over_at(live, problem, mp.picks, [], 0.0)
     free = replace(mp.request, memory=(), memory_budget=None)
     for _ in range(MEMORY_ROUNDS):
         rows = tuple(live.row(t, node_of_root) for t in points)
@@ -216,8 +225,7 @@ def least_memory(mp: MeshPlan) -> tuple[float, list[tuple[float, str, str]]]:
         choice, bound = min_memory(req)
         choice = mp.expand(choice)
         picks = decode(problem, choice)
-        args, prof = live.profile(value_specs(problem, picks), operand_specs(problem, picks))
-        new = _new_points(prof, points, args, bound)
+        new = _over_at(live, problem, picks, points, bound)
         if not new:
             break
         points += new

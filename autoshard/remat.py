@@ -118,16 +118,21 @@ def floor_message(ctx, devices: int) -> str:
     (ctx: the step's planning context, with its graph, donated leaves and budget):
     no mesh needs to be searched."""
     floor = memory_floor(ctx.graph, ctx.donated, devices)
+    fixes = [] if ctx.donated else ["donate the training state (donate_argnums=0)"]
+    fixes += [
+        "put the layers under lax.scan or nnx.scan so that remat can shrink what they "
+        "save for the backward pass",
+        "raise memory_budget (or Hardware(memory=...))",
+        "use more devices",
+        "shrink the model or batch",
+    ]
+    fix = ", ".join(fixes[:-1]) + ", or " + fixes[-1]
     return (
         f"autoshard: no plan fits memory_budget={_size(ctx.budget)} per device on "
         f"{devices} devices: the step needs at least {_size(floor)} per device on any "
         f"mesh (its arguments and what is alive at its peak, all split {devices} ways). "
-        "Donate the training state (donate_argnums=0), put the layers under lax.scan or "
-        "nnx.scan so that remat can shrink what they save for the backward pass, raise "
-        "memory_budget (or Hardware(memory=...)), use more devices, or shrink the model or "
-        "batch."
+        f"{fix[0].upper()}{fix[1:]}."
     )
-
 
 def text(r: RematChoice) -> str:
     """One summary line for a plan's remat choice."""
